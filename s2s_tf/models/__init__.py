@@ -1,0 +1,1 @@
+"""Autoencoder, classifiers, preprocessing and the composite defended model."""

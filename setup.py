@@ -1,0 +1,62 @@
+"""Packaging for s2s_tf.
+
+The repository keeps `flags/` and `export/` at its top level (the design-card
+layout), but they are installed *inside* the `s2s_tf` namespace as
+`s2s_tf.flags` and `s2s_tf.export`, so nothing generic lands at the top level
+of site-packages.
+
+TensorFlow is chosen by an extra: `pip install .[cpu]` (tensorflow-cpu) or
+`pip install .[gpu]` (tensorflow[and-cuda]). CleverHans 4 pins old versions of
+its dependencies and must be installed separately with `pip install --no-deps
+cleverhans`.
+"""
+
+import pathlib
+
+import setuptools
+
+TF_VERSION = "2.21.0"
+
+setuptools.setup(
+    name="s2s_tf",
+    version="0.1.0",
+    description=(
+        "Structure-to-Signal autoencoder (S2SNet) adversarial defense in TensorFlow/Keras"
+    ),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "s2s_tf",
+        "s2s_tf.models",
+        "s2s_tf.flags",
+        "s2s_tf.export",
+    ],
+    package_dir={
+        "s2s_tf": "s2s_tf",
+        "s2s_tf.flags": "flags",
+        "s2s_tf.export": "export",
+    },
+    package_data={"s2s_tf.flags": ["presets/*.cfg"]},
+    install_requires=[
+        "keras>=3.10",
+        "tensorflow-datasets>=4.9",
+        "absl-py>=2.0",
+        "tensorboard>=2.16",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
+        "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
+        "test": ["pytest>=8", "ruff==0.17.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "s2s_demo=s2s_tf.demo_main:run",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
