@@ -158,7 +158,7 @@ def build_decoder(config, encoder):
     return keras.Model([bottleneck, *indices], outputs, name=DECODER_NAME)
 
 
-def build_autoencoder(config=None, input_shape=None, name="s2s_autoencoder"):
+def build_autoencoder(config=None, input_shape=None, name="autoencoder"):
     """Builds the SegNet S2SNet autoencoder (normalised image -> normalised image).
 
     Inputs whose height or width is not a multiple of 2**num_stages are padded

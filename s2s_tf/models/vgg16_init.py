@@ -17,9 +17,6 @@ import numpy as np
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import preprocessing
 
-# Keras "caffe" preprocessing subtracts these (BGR order) from 0-255 pixels.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
 
 def load_vgg16(weights="imagenet"):
     """Returns a Keras VGG16 (convolutional part is what matters) from `weights`.
@@ -74,7 +71,7 @@ def caffe_to_normalized_first_layer(kernel, bias, mean=None, std=None):
     mean = np.asarray(preprocessing.IMAGENET_MEAN if mean is None else mean, np.float64)
     std = np.asarray(preprocessing.IMAGENET_STD if std is None else std, np.float64)
     rgb_kernel = np.asarray(kernel, np.float64)[:, :, ::-1, :]
-    offset = 255.0 * mean - np.asarray(CAFFE_MEAN_BGR[::-1], np.float64)
+    offset = 255.0 * mean - np.asarray(preprocessing.CAFFE_MEAN_BGR[::-1], np.float64)
     new_kernel = rgb_kernel * (255.0 * std)[None, None, :, None]
     new_bias = np.asarray(bias, np.float64) + np.einsum("hwko,k->o", rgb_kernel, offset)
     return new_kernel.astype(np.float32), new_bias.astype(np.float32)

@@ -1,0 +1,72 @@
+r"""Binary: build the S2SNet-defended model on a data source and run one batch.
+
+Usage:
+  python -m s2s_tf.demo_main --dataset=fashion_mnist --classifier=small_cnn \
+      --workdir=/tmp/s2s_demo
+"""
+
+from absl import app
+from absl import flags
+
+from s2s_tf import data as data_lib
+from s2s_tf import demo
+from s2s_tf.flags import common_flags
+from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import classifiers
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines this binary's flags."""
+    common_flags.define_workdir_flag(required=False)
+    common_flags.define_data_flags(data_lib.SOURCES)
+    common_flags.define_model_flags(classifiers.CLASSIFIERS)
+    flags.DEFINE_string("split", "test", "Split to take the batch from.")
+
+
+def config_from_flags():
+    """Builds the `DemoConfig` from parsed flags."""
+    dataset = FLAGS.dataset
+    tfds_name = dataset.split(":", 1)[1] if dataset.startswith("tfds:") else None
+    data = data_lib.DataConfig(
+        source="tfds" if tfds_name else dataset,
+        tfds_name=tfds_name,
+        split=FLAGS.split,
+        image_size=common_flags.parse_image_size(FLAGS.image_size),
+        global_batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        data_dir=FLAGS.data_dir,
+        folder=FLAGS.image_folder,
+        manual_dir=FLAGS.manual_dir,
+        augment=False,
+    )
+    autoencoder = ae_lib.AutoencoderConfig(
+        stage_widths=common_flags.parse_stage_widths(FLAGS.ae_stage_widths),
+        num_stages=FLAGS.ae_stages,
+        pool_impl=FLAGS.ae_pool_impl,
+    )
+    return demo.DemoConfig(
+        data=data,
+        classifier=FLAGS.classifier,
+        num_classes=FLAGS.num_classes,
+        classifier_weights=FLAGS.classifier_weights,
+        autoencoder=autoencoder,
+        ae_init=FLAGS.ae_init,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    demo.run_demo(config_from_flags(), workdir=FLAGS.workdir)
+
+
+def run():
+    """Console-script entry point."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
