@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up the machine, then runs the test suite against the *installed* package
+# (not the source tree): pytest runs with --import-mode=importlib from the venv's
+# own entry point, so `import s2s_tf` resolves to site-packages, and
+# tests/package_test.py checks that it does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+VENV="${S2S_VENV:-.venv}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+export S2S_TF_EXPECT_INSTALLED=1
+exec "$VENV/bin/pytest" -p no:cacheprovider tests "$@"
