@@ -67,6 +67,8 @@ class DemoMainTest(tf.test.TestCase, parameterized.TestCase):
         workdir = os.path.join(tempfile.mkdtemp(), "never_created")
         result = subprocess.run(
             [sys.executable, "-m", "s2s_tf.demo_main", f"--workdir={workdir}", *argv],
+            # Outside the checkout, so `-m` imports the package under test, not the sources.
+            cwd=tempfile.gettempdir(),
             capture_output=True,
             text=True,
             timeout=120,

