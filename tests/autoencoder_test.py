@@ -1,7 +1,10 @@
 """Tests for the SegNet S2SNet autoencoder builder."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import keras
 import numpy as np
@@ -174,6 +177,30 @@ class AutoencoderTest(tf.test.TestCase, parameterized.TestCase):
         x = tf.random.normal((2, 12, 12, 3), seed=4)
         compiled = tf.function(lambda t: stock(t, training=False), jit_compile=True)
         self.assertAllClose(compiled(x), native(x, training=False), atol=1e-5)
+
+    def test_graph_optimizer_accepts_the_native_pooling_graph(self):
+        # Grappler once mis-wired relu -> MaxPoolWithArgmax and then skipped every
+        # optimisation of the function, logging this message; run in a fresh process
+        # so the C++ log is captured.
+        script = textwrap.dedent(
+            """
+            import tensorflow as tf
+            from s2s_tf.models import autoencoder as ae_lib
+            config = ae_lib.AutoencoderConfig(stage_widths=((4,), (8,)))
+            model = ae_lib.build_autoencoder(config, input_shape=(8, 8, 3))
+            print(tf.function(lambda x: model(x, training=False))(tf.ones((2, 8, 8, 3))).shape)
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            cwd=tempfile.gettempdir(),
+        )
+        self.assertIn("(2, 8, 8, 3)", result.stdout)
+        self.assertNotIn("function optimization failure", result.stderr)
 
     def test_sync_batchnorm_flag(self):
         config = ae_lib.AutoencoderConfig(stage_widths=((4,),), sync_batchnorm=True)

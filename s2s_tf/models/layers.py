@@ -77,8 +77,16 @@ class MaxPoolWithArgmax(keras.layers.Layer):
     def call(self, x):
         if self.impl == "stock":
             return max_pool_2x2_with_argmax_stock(x)
+        # Grappler's arithmetic optimizer rewrites max_pool(relu(x)) as relu(max_pool(x))
+        # and mis-wires MaxPoolWithArgmax's second output when it does, which makes it
+        # drop every optimisation of the whole function. EnsureShape (an identity with a
+        # gradient) between the two hides the pattern.
         pooled, argmax = tf.nn.max_pool_with_argmax(
-            x, ksize=2, strides=2, padding="VALID", include_batch_in_index=True
+            tf.ensure_shape(x, x.shape),
+            ksize=2,
+            strides=2,
+            padding="VALID",
+            include_batch_in_index=True,
         )
         return pooled, argmax
 

@@ -1,0 +1,129 @@
+"""Library entry point of the training binary: one config in, one stage trained.
+
+    train_lib.train(config, workdir, strategy)
+
+builds the stage named by `config.stage`, trains it with `trainer.Trainer`
+(resuming from its checkpoints), writes `config.json` beside the checkpoints
+and the final `.keras` model(s) where the next stage, evaluation and export
+load them:
+
+    workdir/stage0/classifier.keras      stage 0 (the classifier, [0, 1] input)
+    workdir/stage1/autoencoder.keras     stage 1
+    workdir/stage2/autoencoder.keras     stage 2 (fine-tuned decoder)
+    workdir/stage2/defended.keras        stage 2 composite, [0, 1] image -> logits
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+from absl import logging
+
+from s2s_tf import config_io
+from s2s_tf import data as data_lib
+from s2s_tf import distribute
+from s2s_tf import losses
+from s2s_tf import optim
+from s2s_tf import stages
+from s2s_tf import trainer
+
+STAGES = ("stage0", "stage1", "stage2")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs (written to `<stage dir>/config.json`).
+
+    Attributes:
+      stage: "stage0" (classifier), "stage1" (reconstruction) or "stage2"
+        (decoder fine-tuning).
+      model: where the models come from (`stages.ModelConfig`).
+      train_data: the training split and global batch size.
+      eval_data: the evaluation split, or None.
+      loop: steps and reporting (`trainer.LoopConfig`).
+      optimizer: `optim.OptimizerConfig`.
+      reconstruction_loss: "mse" or "l1" (stage 1, and stage 2's extra term).
+      stage2_loss: "xent" or "kl".
+      reconstruction_weight: weight of the reconstruction term in stage 2.
+    """
+
+    stage: str = "stage1"
+    model: stages.ModelConfig = stages.ModelConfig()
+    train_data: data_lib.DataConfig = data_lib.DataConfig()
+    eval_data: data_lib.DataConfig | None = None
+    loop: trainer.LoopConfig = trainer.LoopConfig()
+    optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+    reconstruction_loss: str = "mse"
+    stage2_loss: str = "xent"
+    reconstruction_weight: float = 0.0
+
+    def validate(self):
+        """Raises ValueError naming the first invalid field."""
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.reconstruction_loss not in losses.RECONSTRUCTION_LOSSES:
+            raise ValueError(f"reconstruction_loss must be one of {losses.RECONSTRUCTION_LOSSES}")
+        if self.stage2_loss not in losses.STAGE2_LOSSES:
+            raise ValueError(f"stage2_loss must be one of {losses.STAGE2_LOSSES}")
+        if self.stage == "stage2" and not self.model.autoencoder_path:
+            raise ValueError("stage 2 needs model.autoencoder_path (stage 1's autoencoder)")
+        self.loop.validate()
+        self.optimizer.validate()
+        self.model.autoencoder.validate()
+
+
+def make_stage(config):
+    """Returns the `trainer.Stage` that `config.stage` names."""
+    if config.stage == "stage0":
+        return stages.ClassifierStage(config.model)
+    if config.stage == "stage1":
+        with_classifier = bool(config.model.classifier_path or config.model.classifier_weights)
+        return stages.ReconstructionStage(config.model, config.reconstruction_loss, with_classifier)
+    return stages.DecoderStage(
+        config.model, config.stage2_loss, config.reconstruction_weight, config.reconstruction_loss
+    )
+
+
+def train(config, workdir, strategy):
+    """Trains one stage to completion (or to SIGTERM), resuming from checkpoints.
+
+    Args:
+      config: a `TrainConfig`.
+      workdir: the run's directory (shared by the stages).
+      strategy: a `tf.distribute.Strategy`.
+
+    Returns:
+      The trainer's result dict (step, metrics, final model paths, preempted).
+    """
+    config.validate()
+    previous_policy = keras.config.dtype_policy()
+    if config.loop.mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        stage = make_stage(config)
+        run = trainer.Trainer(
+            stage,
+            strategy,
+            config.loop,
+            config.optimizer,
+            workdir,
+            config.train_data,
+            config.eval_data,
+        )
+        chief = distribute.is_chief(strategy)
+        if chief:
+            config_io.save_config(config, run.stage_dir)
+        result = run.train()
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    if chief:
+        with open(os.path.join(run.stage_dir, "result.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    logging.info("%s finished: %s", stage.name, json.dumps(result))
+    return result
+
+
+def stage_model_path(workdir, stage, filename):
+    """Where `stage` writes `filename` (e.g. `stages.AUTOENCODER_FILE`) in `workdir`."""
+    return os.path.join(workdir, stage, filename)
