@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 
-import keras
 from absl import logging
 
 from s2s_tf import config_io
@@ -97,26 +96,20 @@ def train(config, workdir, strategy):
       The trainer's result dict (step, metrics, final model paths, preempted).
     """
     config.validate()
-    previous_policy = keras.config.dtype_policy()
-    if config.loop.mixed_precision:
-        keras.config.set_dtype_policy("mixed_float16")
-    try:
-        stage = make_stage(config)
-        run = trainer.Trainer(
-            stage,
-            strategy,
-            config.loop,
-            config.optimizer,
-            workdir,
-            config.train_data,
-            config.eval_data,
-        )
-        chief = distribute.is_chief(strategy)
-        if chief:
-            config_io.save_config(config, run.stage_dir)
-        result = run.train()
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    stage = make_stage(config)
+    run = trainer.Trainer(
+        stage,
+        strategy,
+        config.loop,
+        config.optimizer,
+        workdir,
+        config.train_data,
+        config.eval_data,
+    )
+    chief = distribute.is_chief(strategy)
+    if chief:
+        config_io.save_config(config, run.stage_dir)
+    result = run.train()
     if chief:
         with open(os.path.join(run.stage_dir, "result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -17,11 +17,13 @@ does the rest the same way for every stage:
 """
 
 import abc
+import contextlib
 import dataclasses
 import os
 import signal
 import time
 
+import keras
 import tensorflow as tf
 from absl import logging
 
@@ -133,7 +135,7 @@ class Trainer:
         self.stage_dir = os.path.join(workdir, stage.name)
         self.is_chief = distribute.is_chief(strategy)
         self.clip_norm = optimizer_config.clip_global_norm
-        with strategy.scope():
+        with strategy.scope(), _dtype_policy(loop.mixed_precision):
             stage.build()
             self.optimizer = optim.build_optimizer(
                 optimizer_config, loop.train_steps, loop.mixed_precision
@@ -328,6 +330,18 @@ class _Progress:
             _format(metrics),
             _duration(eta),
         )
+
+
+@contextlib.contextmanager
+def _dtype_policy(mixed_precision):
+    """Builds the models under "mixed_float16" when asked, restoring the policy after."""
+    previous = keras.config.dtype_policy()
+    if mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def _accumulators(keys):
