@@ -105,6 +105,7 @@ def train(config, workdir, strategy):
         workdir,
         config.train_data,
         config.eval_data,
+        config_text=json.dumps(config_io.config_to_dict(config), indent=2),
     )
     chief = distribute.is_chief(strategy)
     if chief:

@@ -110,7 +110,15 @@ class Trainer:
     """Runs a `Stage` under a strategy; see the module docstring."""
 
     def __init__(
-        self, stage, strategy, loop, optimizer_config, workdir, train_data, eval_data=None
+        self,
+        stage,
+        strategy,
+        loop,
+        optimizer_config,
+        workdir,
+        train_data,
+        eval_data=None,
+        config_text=None,
     ):
         """Builds everything and restores the latest checkpoint, if any.
 
@@ -123,6 +131,7 @@ class Trainer:
             summaries to `workdir/{train,eval}/<stage.name>`.
           train_data: `data.DataConfig` of the training split (global batch size).
           eval_data: `data.DataConfig` of the evaluation split, or None.
+          config_text: the run's config (e.g. JSON), shown in TensorBoard's text tab.
 
         Raises:
           ValueError: for an invalid loop config or a global batch that does not
@@ -156,6 +165,7 @@ class Trainer:
         self.train_writer = writer(os.path.join(workdir, "train", stage.name))
         self.eval_writer = writer(os.path.join(workdir, "eval", stage.name))
         self._preempted = False
+        self._config_text = config_text
 
     @property
     def step(self):
@@ -255,6 +265,9 @@ class Trainer:
             )
         )
         sample = self._sample_batch() if self.is_chief else None
+        if self._config_text:
+            with self.train_writer.as_default(step=start):
+                tf.summary.text("config", f"```\n{self._config_text}\n```")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             train_metrics = self._run(iterator, total, sample)
