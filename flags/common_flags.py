@@ -49,7 +49,7 @@ def parse_image_size(text):
     return size * 2 if len(size) == 1 else size
 
 
-def _register_parser_check(name, parser):
+def register_parser_check(name, parser):
     """Validates a string flag by running its parser at flag-parsing time."""
 
     def check(value):
@@ -95,7 +95,7 @@ def define_data_flags(dataset_names, default_dataset="fashion_mnist"):
     flags.DEFINE_string("image_folder", None, "Root of a folder of class subfolders of images.")
     flags.DEFINE_string("manual_dir", None, "TFDS manual download dir (e.g. imagenet2012).")
     flags.DEFINE_string("image_size", "32", "Image size 'S' or 'H,W' the models work at.")
-    _register_parser_check("image_size", parse_image_size)
+    register_parser_check("image_size", parse_image_size)
     flags.DEFINE_integer("batch_size", 64, "Global batch size (over all replicas).", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Random seed for shuffling, augmentation and init.")
     flags.register_validator(
@@ -127,7 +127,7 @@ def define_model_flags(classifier_names, default_classifier="small_cnn"):
         "64,64;128,128;256,256,256;512,512,512;512,512,512",
         "Autoencoder encoder widths, stages split by ';' (the decoder mirrors them).",
     )
-    _register_parser_check("ae_stage_widths", parse_stage_widths)
+    register_parser_check("ae_stage_widths", parse_stage_widths)
     flags.DEFINE_integer(
         "ae_stages",
         3,
