@@ -55,12 +55,14 @@ def create_strategy(name="mirrored"):
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    if name == "multi_worker":
+        # Before anything lists devices: that initialises the runtime, and collective
+        # ops can only be configured before it is.
+        check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    if name == "multi_worker":
-        check_tf_config()
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if gpus:
         return tf.distribute.MirroredStrategy()
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]

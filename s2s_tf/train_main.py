@@ -116,12 +116,13 @@ def config_from_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    distribute.split_cpu(FLAGS.num_cpu_devices)  # before TensorFlow runs any op
     config = config_from_flags()
     config.validate()
-    data_lib.load_source(config.train_data)  # a missing dataset fails here, before any work
+    # Devices and collectives are configured before TensorFlow runs its first op.
+    distribute.split_cpu(FLAGS.num_cpu_devices)
     strategy = distribute.create_strategy(FLAGS.strategy)
     distribute.check_global_batch(FLAGS.batch_size, strategy)
+    data_lib.load_source(config.train_data)  # a missing dataset fails here, before any work
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
     if distribute.is_chief(strategy):
         stage_dir = os.path.join(FLAGS.workdir, FLAGS.stage)
