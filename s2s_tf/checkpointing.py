@@ -21,6 +21,11 @@ from absl import logging
 
 from s2s_tf import distribute
 
+# Imported for their registered Keras classes, which `load_keras` needs in safe mode.
+from s2s_tf.models import classifiers  # noqa: F401
+from s2s_tf.models import layers  # noqa: F401
+from s2s_tf.models import preprocessing  # noqa: F401
+
 CHECKPOINT_SUBDIR = "checkpoints"
 
 

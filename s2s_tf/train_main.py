@@ -121,8 +121,14 @@ def main(argv):
     # Devices and collectives are configured before TensorFlow runs its first op.
     distribute.split_cpu(FLAGS.num_cpu_devices)
     strategy = distribute.create_strategy(FLAGS.strategy)
-    distribute.check_global_batch(FLAGS.batch_size, strategy)
-    data_lib.load_source(config.train_data)  # a missing dataset fails here, before any work
+    try:
+        distribute.check_global_batch(FLAGS.batch_size, strategy)
+    except ValueError as e:
+        raise app.UsageError(f"--batch_size={FLAGS.batch_size}: {e}") from None
+    # A missing dataset (either split) fails here, before anything is written.
+    data_lib.load_source(config.train_data)
+    if config.eval_data is not None:
+        data_lib.load_source(config.eval_data)
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
     if distribute.is_chief(strategy):
         stage_dir = os.path.join(FLAGS.workdir, FLAGS.stage)
