@@ -1,0 +1,185 @@
+"""Library entry point of the evaluation binary: load models, attack, analyse, report.
+
+    eval_lib.evaluate(config, outdir)
+
+loads the defended model (stage 2's `defended.keras`, or an autoencoder and a
+classifier), runs `evaluation.Evaluator` over the configured threat models,
+the gradient analysis of the classifier alone vs the defended model, the
+sanity checks, and writes `robustness.json`, `report.md`, the plots and
+TensorBoard summaries into `outdir`.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from s2s_tf import checkpointing
+from s2s_tf import config_io
+from s2s_tf import data as data_lib
+from s2s_tf import evaluation
+from s2s_tf import gradient_analysis
+from s2s_tf import report
+from s2s_tf.models import s2s_model
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRunConfig:
+    """One evaluation run.
+
+    Attributes:
+      data: the evaluation split (its `num_examples` bounds the examples read).
+      defended_path: a defended `.keras` model (stage 2's `defended.keras`), or
+        None to compose `autoencoder_path` and `classifier_path`.
+      autoencoder_path: an autoencoder `.keras` (normalised space).
+      classifier_path: a [0, 1]-input classifier `.keras`.
+      transfer_classifiers: (name, path) pairs of further [0, 1]-input
+        classifiers for the transfer matrix; each also enters the matrix
+        defended by the same autoencoder ("<name>+s2s").
+      attack: the attack settings (`evaluation.EvalConfig`).
+      gradient_examples: images used by the gradient analysis.
+      gradient_top_k: class logits compared per image for class specificity.
+    """
+
+    data: data_lib.DataConfig = data_lib.DataConfig(split="test", augment=False)
+    defended_path: str | None = None
+    autoencoder_path: str | None = None
+    classifier_path: str | None = None
+    transfer_classifiers: tuple = ()
+    attack: evaluation.EvalConfig = evaluation.EvalConfig()
+    gradient_examples: int = 64
+    gradient_top_k: int = 5
+
+    def validate(self):
+        """Raises ValueError / FileNotFoundError naming what is wrong or missing."""
+        self.attack.validate()
+        if not self.defended_path and not (self.autoencoder_path and self.classifier_path):
+            raise ValueError("give defended_path, or both autoencoder_path and classifier_path")
+        paths = [self.defended_path, self.autoencoder_path, self.classifier_path]
+        paths += [path for _, path in self.transfer_classifiers]
+        for path in paths:
+            if path and not os.path.exists(path):
+                raise FileNotFoundError(f"model file not found: {path}")
+
+
+def load_models(config):
+    """Returns (`evaluation.Models`, the defended keras model, the purifier keras model)."""
+    if config.defended_path:
+        defended = checkpointing.load_keras(config.defended_path, "defended model")
+        autoencoder = s2s_model.get_autoencoder(defended)
+        classifier = s2s_model.get_classifier(defended)
+    else:
+        autoencoder = checkpointing.load_keras(config.autoencoder_path, "autoencoder model")
+        classifier = checkpointing.load_keras(config.classifier_path, "classifier model")
+        defended = s2s_model.build_s2s_model(autoencoder, classifier)
+    shape = defended.input_shape[1:]
+    purifier = s2s_model.build_purifier(autoencoder, shape)
+    others = {}
+    for name, path in config.transfer_classifiers:
+        other = checkpointing.load_keras(path, f"transfer classifier {name}")
+        others[name] = other
+        others[f"{name}+s2s"] = s2s_model.build_s2s_model(autoencoder, other, shape)
+    models = evaluation.Models(
+        classifier=classifier, defended=defended, purifier=purifier, others=others
+    )
+    return models, defended, purifier
+
+
+def _gradient_analysis(models, images, labels, top_k):
+    result = gradient_analysis.compare_models(
+        {"classifier": models.classifier, "defended": models.defended},
+        images,
+        labels,
+        top_k=top_k,
+    )
+    summary, histograms = {}, {}
+    for name, metrics in result["metrics"]["models"].items():
+        stats = metrics["loss_gradient_statistics"]
+        summary[name] = {
+            "class_specificity": metrics["class_specificity"]["mean"],
+            "structure_alignment": metrics["structure_alignment"]["mean"],
+            "mean_abs": stats["mean_abs"],
+            "std": stats["std"],
+            "kurtosis": stats["kurtosis"],
+            "near_zero_fraction": stats["near_zero_fraction"],
+            "l2_norm_mean": stats["l2_norm_mean"],
+        }
+        histograms[name] = (stats["histogram"]["edges"], stats["histogram"]["counts"])
+    return result, summary, histograms
+
+
+def _tensorboard(outdir, results, gradients):
+    writer = tf.summary.create_file_writer(os.path.join(outdir, "tensorboard"))
+    with writer.as_default(step=0):
+        for model, value in results["clean"].items():
+            tf.summary.scalar(f"clean/{model}", value)
+        for threat, table in results["threats"].items():
+            for attack, by_eps in table.items():
+                if not isinstance(by_eps, dict):
+                    continue
+                for eps, row in by_eps.items():
+                    tf.summary.scalar(f"{threat}/{attack}/eps_{eps}", row["defended"])
+        for model, stats in gradients.items():
+            for key, value in stats.items():
+                tf.summary.scalar(f"gradients/{model}/{key}", value)
+    writer.flush()
+
+
+def evaluate(config, outdir, progress=logging.info):
+    """Runs the whole evaluation and writes the report; returns the report document.
+
+    Args:
+      config: an `EvalRunConfig`.
+      outdir: where the report goes (e.g. `<workdir>/eval_report`).
+      progress: callable(str) told about each unit of work.
+
+    Returns:
+      The dict written to `robustness.json`.
+    """
+    config.validate()
+    models, defended, purifier = load_models(config)
+    data = dataclasses.replace(
+        config.data,
+        num_examples=config.data.num_examples or config.attack.num_examples,
+        global_batch_size=config.attack.batch_size,
+        image_size=tuple(defended.input_shape[1:3]),
+    )
+    images, labels = data_lib.load_numpy(data)
+    evaluator = evaluation.Evaluator(models, images, labels, config.attack, progress)
+    results = evaluator.run()
+    checks = evaluation.sanity_checks(results, len(evaluator.images))
+    progress(f"gradient analysis on {min(config.gradient_examples, len(images))} examples")
+    n = min(config.gradient_examples, len(images))
+    analysis, gradients, histograms = _gradient_analysis(
+        models, images[:n], labels[:n], config.gradient_top_k
+    )
+    examples = _example_rows(evaluator, purifier, analysis)
+    document = {
+        "config": config_io.config_to_dict(config),
+        "results": results,
+        "checks": checks,
+        "gradients": gradients,
+        "gradient_analysis": analysis["metrics"],
+    }
+    paths = report.write_report(document, outdir, examples=examples, histograms=histograms)
+    _tensorboard(outdir, results, gradients)
+    failed = [c["name"] for c in checks if c["passed"] is False]
+    progress(f"report: {paths['markdown']} ({len(failed)} sanity check(s) failed)")
+    return document
+
+
+def _example_rows(evaluator, purifier, analysis):
+    """Rows of the example figure: clean, adversarial, reconstruction, gradient."""
+    k = 4
+    rows = {"clean": evaluator.images[:k]}
+    white = [name for name in evaluator.examples if name.startswith("white_box")]
+    key = "white_box/pgd" if "white_box/pgd" in white else next(iter(white), None)
+    if key:
+        rows[f"adversarial ({key})"] = evaluator.examples[key][:k]
+    rows["reconstruction"] = np.asarray(purifier(evaluator.images[:k], training=False))
+    gradient = analysis["examples"]["loss_gradients"].get("defended")
+    if gradient is not None and len(gradient) >= k:
+        rows["gradient"] = gradient[:k]
+    return rows

@@ -1,0 +1,236 @@
+"""Writes the robustness report: robustness.json, report.md and PNG plots.
+
+Every number in `report.md` is read from the same dict that is written to
+`robustness.json`, so the two cannot disagree.
+"""
+
+import datetime
+import json
+import os
+import platform
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+THREAT_TITLES = {
+    "gray_box": "gray-box (made on the classifier, fed to the defended model)",
+    "white_box": "white-box (end to end through autoencoder and classifier)",
+    "bpda": "BPDA (autoencoder as identity in the backward pass)",
+}
+
+
+def versions():
+    """Versions of the software that produced the numbers."""
+    import importlib.metadata
+
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for package in ("tensorflow", "tensorflow-cpu", "keras", "cleverhans", "s2s_tf"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    out["cpu_count"] = os.cpu_count()
+    return out
+
+
+def write_report(document, outdir, examples=None, histograms=None):
+    """Writes robustness.json, report.md and the plots into `outdir`.
+
+    Args:
+      document: JSON-serialisable dict with keys "config", "results" (from
+        `evaluation.Evaluator`), "checks" (from `evaluation.sanity_checks`),
+        "gradients" (summary numbers per model) and optionally "meta".
+      outdir: output directory (created).
+      examples: optional dict of name -> float images [K, H, W, C] in [0, 1]
+        (rows of the example figure, e.g. clean / adversarial / reconstruction)
+        plus "gradient" ([K, H, W, C], any range).
+      histograms: optional dict of model name -> (bin_edges, counts).
+
+    Returns:
+      A dict of artefact name -> path.
+    """
+    os.makedirs(outdir, exist_ok=True)
+    document = dict(document)
+    document.setdefault("meta", {})
+    document["meta"].setdefault("versions", versions())
+    document["meta"].setdefault("date", datetime.datetime.now(datetime.UTC).isoformat())
+    paths = {"json": os.path.join(outdir, "robustness.json")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=2, sort_keys=True)
+    paths["accuracy_plot"] = plot_accuracy_vs_eps(
+        document["results"], os.path.join(outdir, "accuracy_vs_eps.png")
+    )
+    if histograms:
+        paths["gradient_plot"] = plot_histograms(
+            histograms, os.path.join(outdir, "gradient_histograms.png")
+        )
+    if examples:
+        paths["examples_plot"] = plot_examples(examples, os.path.join(outdir, "examples.png"))
+    paths["markdown"] = os.path.join(outdir, "report.md")
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
+        f.write(markdown(document, {k: os.path.basename(v) for k, v in paths.items()}))
+    return paths
+
+
+def _pct(value):
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(document, files):
+    """The report as Markdown (tables of `document`, links to the plots in `files`)."""
+    results = document["results"]
+    out = ["# S2SNet robustness report", ""]
+    meta = document.get("meta", {})
+    out.append(
+        f"Date: {meta.get('date', '?')}; versions: `{json.dumps(meta.get('versions', {}))}`."
+    )
+    out.append(f"Examples: {results['num_examples']}; eps in [0, 1] pixel units (shown as /255).\n")
+    out += ["## Clean accuracy", ""]
+    out.append(_table(["model", "accuracy"], [(k, _pct(v)) for k, v in results["clean"].items()]))
+    for threat, table in results.get("threats", {}).items():
+        if threat == "gradient_free":
+            continue
+        out += ["", f"## {THREAT_TITLES.get(threat, threat)}", ""]
+        eps_keys = list(next(iter(table.values())).keys()) if table else []
+        rows = []
+        for attack, by_eps in table.items():
+            rows.append([f"{attack} (defended)"] + [_pct(by_eps[e]["defended"]) for e in eps_keys])
+            if threat == "gray_box":
+                rows.append(
+                    [f"{attack} (classifier alone)"]
+                    + [_pct(by_eps[e]["classifier"]) for e in eps_keys]
+                )
+        out.append(_table(["attack \\ eps", *eps_keys], rows))
+    free = results.get("threats", {}).get("gradient_free")
+    if free:
+        out += ["", f"## Gradient-free (SPSA, {free['num_examples']} examples)", ""]
+        rows = [
+            (name, eps, _pct(v["defended"]))
+            for name in ("spsa", "pgd_same_subset")
+            for eps, v in free[name].items()
+        ]
+        out.append(_table(["attack", "eps", "defended accuracy"], rows))
+    transfer = results.get("transfer")
+    if transfer:
+        names = list(transfer["matrix"])
+        out += [
+            "",
+            f"## Transfer ({transfer['attack']}, eps {transfer['eps'] * 255:g}/255)",
+            "",
+            "Rows: the model the examples were made on; columns: the model evaluated.",
+            "",
+        ]
+        rows = [[src] + [_pct(transfer["matrix"][src][t]) for t in names] for src in names]
+        out.append(_table(["source \\ target", *names], rows))
+    out += ["", "## Sanity checks", ""]
+    rows = [
+        (
+            "PASS" if c["passed"] else ("not run" if c["passed"] is None else "**FAIL**"),
+            c["name"],
+            c["detail"],
+        )
+        for c in document.get("checks", [])
+    ]
+    out.append(_table(["result", "check", "detail"], rows))
+    out += _gradient_section(document.get("gradients", {}))
+    out += ["", "## Plots", ""]
+    for key in ("accuracy_plot", "gradient_plot", "examples_plot"):
+        if key in files:
+            out.append(f"![{key}]({files[key]})")
+    return "\n".join(out) + "\n"
+
+
+def _gradient_section(gradients):
+    if not gradients:
+        return []
+    keys = sorted({k for stats in gradients.values() for k in stats})
+    rows = [
+        [name] + [f"{stats[k]:.4g}" if isinstance(stats.get(k), float) else "" for k in keys]
+        for name, stats in gradients.items()
+    ]
+    return [
+        "",
+        "## Input gradients",
+        "",
+        "class_specificity: mean cosine similarity between the input gradients of different "
+        "class logits of one image (higher = less class-specific). structure_alignment: "
+        "correlation of |gradient| with the image's Sobel edge magnitude.",
+        "",
+        _table(["model", *keys], rows),
+    ]
+
+
+def plot_accuracy_vs_eps(results, path):
+    """Defended accuracy against eps, one line per threat model and attack."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for threat, table in results.get("threats", {}).items():
+        if threat == "gradient_free":
+            continue
+        for attack, by_eps in table.items():
+            xs = [_eps_value(e) for e in by_eps]
+            ys = [100 * v["defended"] for v in by_eps.values()]
+            ax.plot(xs, ys, marker="o", label=f"{threat}: {attack}")
+    ax.axhline(100 * results["clean"]["defended"], color="gray", ls="--", label="clean")
+    ax.set_xlabel("eps (/255)")
+    ax.set_ylabel("defended accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _eps_value(key):
+    return float(key.split("/")[0])
+
+
+def plot_histograms(histograms, path):
+    """Input-gradient histograms per model (log counts)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (edges, counts) in histograms.items():
+        edges = np.asarray(edges)
+        centers = (edges[:-1] + edges[1:]) / 2
+        ax.semilogy(centers, np.maximum(np.asarray(counts), 0.5), label=name)
+    ax.set_xlabel("input gradient value")
+    ax.set_ylabel("count")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_examples(rows, path):
+    """A grid: one row per entry of `rows`, one column per example image."""
+    names = list(rows)
+    cols = min(len(v) for v in rows.values())
+    fig, axes = plt.subplots(
+        len(names), cols, figsize=(1.8 * cols, 1.8 * len(names)), squeeze=False
+    )
+    for r, name in enumerate(names):
+        for c in range(cols):
+            image = np.asarray(rows[name][c], np.float32)
+            if name == "gradient":  # show magnitude, scaled per image
+                image = np.abs(image).sum(-1)
+                image = image / (image.max() + 1e-12)
+            axes[r][c].imshow(np.clip(image, 0, 1), cmap="gray" if image.ndim == 2 else None)
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        axes[r][0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

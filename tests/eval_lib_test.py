@@ -1,0 +1,134 @@
+"""End-to-end test of the evaluation run and its report, and of the evaluate binary's flags."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import keras
+import tensorflow as tf
+from absl.testing import parameterized
+
+from s2s_tf import attacks
+from s2s_tf import checkpointing
+from s2s_tf import data as data_lib
+from s2s_tf import eval_lib
+from s2s_tf import evaluation
+from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import classifiers
+from s2s_tf.models import s2s_model
+
+SIZE = (16, 16)
+
+
+def _save_models(directory):
+    keras.utils.set_random_seed(0)
+    ae = ae_lib.build_autoencoder(
+        ae_lib.AutoencoderConfig(stage_widths=((4,), (8,))), input_shape=(*SIZE, 3)
+    )
+    paths = {}
+    for name in ("testing", "lenet5"):
+        classifier = classifiers.build_classifier_with_preprocessing(name, SIZE, 10)
+        paths[name] = checkpointing.save_keras_atomic(
+            classifier, os.path.join(directory, f"{name}.keras")
+        )
+    defended = s2s_model.build_s2s_model(ae, checkpointing.load_keras(paths["testing"], "c"))
+    paths["defended"] = checkpointing.save_keras_atomic(
+        defended, os.path.join(directory, "stage2", "defended.keras")
+    )
+    return paths
+
+
+class EvaluateTest(tf.test.TestCase):
+    def test_report_files_and_consistent_numbers(self):
+        workdir = tempfile.mkdtemp()
+        paths = _save_models(workdir)
+        config = eval_lib.EvalRunConfig(
+            data=data_lib.DataConfig(source="testing", split="test", image_size=SIZE),
+            defended_path=paths["defended"],
+            transfer_classifiers=(("lenet5", paths["lenet5"]),),
+            attack=evaluation.EvalConfig(
+                attacks=("fgsm", "pgd"),
+                eps=(8 / 255,),
+                num_examples=12,
+                batch_size=6,
+                steps=2,
+                spsa_examples=3,
+            ),
+            gradient_examples=6,
+            gradient_top_k=3,
+        )
+        outdir = os.path.join(workdir, "eval_report")
+        document = eval_lib.evaluate(config, outdir, progress=lambda message: None)
+        for name in ("robustness.json", "report.md", "accuracy_vs_eps.png", "examples.png"):
+            self.assertTrue(os.path.exists(os.path.join(outdir, name)), name)
+        self.assertTrue(os.path.exists(os.path.join(outdir, "gradient_histograms.png")))
+        self.assertTrue(os.listdir(os.path.join(outdir, "tensorboard")))
+        with open(os.path.join(outdir, "robustness.json")) as f:
+            saved = json.load(f)
+        self.assertEqual(saved["results"]["clean"], document["results"]["clean"])
+        # The report's clean accuracy is the defended model's accuracy on the same examples.
+        images, labels = data_lib.load_numpy(
+            data_lib.DataConfig(source="testing", split="test", image_size=SIZE, num_examples=12)
+        )
+        defended = checkpointing.load_keras(paths["defended"], "defended")
+        expected = attacks.accuracy(defended, images, labels)
+        self.assertAlmostEqual(saved["results"]["clean"]["defended"], expected)
+        with open(os.path.join(outdir, "report.md")) as f:
+            markdown = f.read()
+        self.assertIn(f"| defended | {100 * expected:.1f}% |", markdown)
+        self.assertIn("## Sanity checks", markdown)
+        self.assertEqual(
+            set(saved["results"]["transfer"]["matrix"]),
+            {"classifier", "defended", "lenet5", "lenet5+s2s"},
+        )
+        self.assertEqual(set(saved["gradients"]), {"classifier", "defended"})
+        for check in saved["checks"]:
+            self.assertIn(check["passed"], (True, False))
+            self.assertIn(("PASS" if check["passed"] else "**FAIL**"), markdown)
+
+    def test_missing_model_is_named(self):
+        config = eval_lib.EvalRunConfig(defended_path="/nonexistent/defended.keras")
+        with self.assertRaisesRegex(FileNotFoundError, "defended.keras"):
+            config.validate()
+
+
+class EvaluateMainFlagsTest(tf.test.TestCase, parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("no_models", ["--workdir=/nonexistent"], "workdir"),
+        ("bad_attack", ["--attacks=pgd,deepfool"], "attacks"),
+        ("bad_eps", ["--eps=8/0"], "eps"),
+        ("eps_range", ["--eps=300/255"], "eps"),
+        ("bad_threat", ["--threat_models=black_box"], "threat_models"),
+        ("bad_transfer", ["--transfer_classifiers=nopath"], "transfer_classifiers"),
+    )
+    def test_bad_flags_fail_at_parse_time(self, argv, flag_name):
+        workdir = tempfile.mkdtemp()
+        stage2 = os.path.join(workdir, "stage2")
+        os.makedirs(stage2)
+        with open(os.path.join(stage2, "defended.keras"), "w") as f:
+            f.write("placeholder: flags fail before any model is read")
+        output_dir = os.path.join(workdir, "report")
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "s2s_tf.evaluate_main",
+                f"--workdir={workdir}",
+                f"--output_dir={output_dir}",
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=tempfile.gettempdir(),
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(flag_name, result.stderr)
+        self.assertFalse(os.path.exists(output_dir))
+
+
+if __name__ == "__main__":
+    tf.test.main()
