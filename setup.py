@@ -44,6 +44,8 @@ setuptools.setup(
         "absl-py>=2.0",
         "tensorboard>=2.16",
         "numpy>=1.26",
+        # The report's PNG plots (accuracy vs eps, gradient histograms, examples).
+        "matplotlib>=3.7",
     ],
     extras_require={
         "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
@@ -53,6 +55,8 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "s2s_demo=s2s_tf.demo_main:run",
+            "s2s_train=s2s_tf.train_main:run",
+            "s2s_evaluate=s2s_tf.evaluate_main:run",
         ],
     },
     classifiers=[
