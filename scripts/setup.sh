@@ -4,8 +4,9 @@
 #   - the Debian package dataset-fashion-mnist (the embedded default data, offline);
 #   - a virtual environment ($S2S_VENV, default .venv) with s2s_tf installed from this
 #     checkout (a regular, non-editable install) plus its test tools;
-#   - CleverHans 4 with --no-deps: its metadata pins old versions of TensorFlow-era
-#     packages that must not replace ours.
+#   - CleverHans 4 and tensorflow-serving-api with --no-deps: their metadata pins
+#     versions of TensorFlow-era packages that must not replace ours (the serving
+#     protos are only used to write and check TF Serving's request/warm-up files).
 #
 # TensorFlow comes from an extra: S2S_TF_EXTRA=cpu (default, tensorflow-cpu) or
 # S2S_TF_EXTRA=gpu (tensorflow[and-cuda], for machines with NVIDIA GPUs).
@@ -34,5 +35,5 @@ echo "Installing s2s_tf[$EXTRA,test] from $(pwd) ..."
 # --force-reinstall of s2s_tf alone so a second run picks up changed sources.
 "${PIP[@]}" install ".[$EXTRA,test]"
 "${PIP[@]}" install --no-deps --force-reinstall .
-"${PIP[@]}" install --no-deps cleverhans==4.0.0
+"${PIP[@]}" install --no-deps cleverhans==4.0.0 tensorflow-serving-api==2.21.0
 echo "Set up: $VENV ($("$VENV/bin/python" -c 'import tensorflow as tf; print("tensorflow", tf.__version__)' 2>/dev/null))"
