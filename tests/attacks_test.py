@@ -1,4 +1,4 @@
-"""Tests for s2s_tf.attacks: budgets, effect on a trained model, restarts, caching, BPDA."""
+"""Tests for s2s_tf.attacks and s2s_tf.attack_library: budgets, restarts, caching, BPDA."""
 
 import gc
 import weakref
