@@ -57,6 +57,8 @@ setuptools.setup(
             "s2s_demo=s2s_tf.demo_main:run",
             "s2s_train=s2s_tf.train_main:run",
             "s2s_evaluate=s2s_tf.evaluate_main:run",
+            "s2s_export=s2s_tf.export.export_saved_model_main:run",
+            "s2s_pipeline=s2s_tf.pipeline_main:run",
         ],
     },
     classifiers=[

@@ -1,0 +1,205 @@
+"""The whole S2SNet workflow as one composition of the stage entry points.
+
+    pipeline.run(config, workdir, strategy)
+
+trains the classifier (and a second one for the transfer matrix), stage 1 and
+stage 2 with `train_lib.train`, evaluates with `eval_lib.evaluate`, exports the
+defended SavedModel with `export_lib.export`, and prints where everything is
+and the headline numbers. A finished step is reused on a rerun (its
+`result.json`, report or export version is there), so an interrupted pipeline
+continues where it stopped; stages interrupted mid-training resume from their
+checkpoints.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+
+from s2s_tf import data as data_lib
+from s2s_tf import eval_lib
+from s2s_tf import evaluation
+from s2s_tf import optim
+from s2s_tf import stages
+from s2s_tf import train_lib
+from s2s_tf import trainer
+from s2s_tf.export import export_lib
+from s2s_tf.models import autoencoder as ae_lib
+
+TRANSFER_DIR = "transfer_{}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every setting of the pipeline (written to `<workdir>/config.json`).
+
+    Attributes:
+      data: the training split and global batch (its eval twin is derived).
+      eval_split: the split used for evaluation during training and for the report.
+      classifier: the defended classifier's registry name.
+      transfer_classifier: a second classifier for the transfer matrix ("" for none).
+      autoencoder: the autoencoder's shape.
+      classifier_steps, stage1_steps, stage2_steps: training steps of each stage.
+      learning_rate: Adam's learning rate for every stage.
+      steps_per_loop: steps per `tf.function` call.
+      eval_examples: examples of the eval split used during training.
+      attack: the robustness evaluation's settings.
+    """
+
+    data: data_lib.DataConfig = data_lib.DataConfig(image_size=(28, 28), global_batch_size=64)
+    eval_split: str = "test"
+    classifier: str = "small_cnn"
+    transfer_classifier: str = "lenet5"
+    autoencoder: ae_lib.AutoencoderConfig = ae_lib.AutoencoderConfig(
+        stage_widths=((32, 32), (64, 64), (128, 128))
+    )
+    classifier_steps: int = 400
+    stage1_steps: int = 500
+    stage2_steps: int = 300
+    learning_rate: float = 1e-3
+    steps_per_loop: int = 20
+    eval_examples: int = 1000
+    attack: evaluation.EvalConfig = evaluation.EvalConfig(
+        attacks=("fgsm", "pgd"), num_examples=200, spsa_examples=20
+    )
+
+
+def _train_config(config, stage, steps, model):
+    every = max(steps // 2, 1)
+    eval_data = dataclasses.replace(
+        config.data, split=config.eval_split, augment=False, num_examples=config.eval_examples
+    )
+    return train_lib.TrainConfig(
+        stage=stage,
+        model=model,
+        train_data=config.data,
+        eval_data=eval_data,
+        loop=trainer.LoopConfig(
+            train_steps=steps,
+            steps_per_loop=min(config.steps_per_loop, steps),
+            checkpoint_every=every,
+            eval_every=steps,
+            summary_every=every,
+        ),
+        optimizer=optim.OptimizerConfig(learning_rate=config.learning_rate),
+    )
+
+
+def _done(workdir, stage, steps):
+    """Whether `stage` in `workdir` finished `steps` steps (its result.json says so)."""
+    path = os.path.join(workdir, stage, "result.json")
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    return result.get("step") == steps and not result.get("preempted")
+
+
+def _train(config, workdir, strategy, stage, steps, model):
+    if _done(workdir, stage, steps):
+        logging.info("%s in %s is finished; reusing it", stage, workdir)
+        return
+    started = time.perf_counter()
+    train_lib.train(_train_config(config, stage, steps, model), workdir, strategy)
+    logging.info("%s took %.0f s", stage, time.perf_counter() - started)
+
+
+def train_all(config, workdir, strategy):
+    """Stage 0 (both classifiers), stage 1 and stage 2; returns the model paths."""
+    size = config.data.image_size
+    base = stages.ModelConfig(
+        classifier=config.classifier, image_size=size, autoencoder=config.autoencoder
+    )
+    _train(config, workdir, strategy, "stage0", config.classifier_steps, base)
+    paths = {"classifier": os.path.join(workdir, "stage0", stages.CLASSIFIER_FILE)}
+    if config.transfer_classifier:
+        other_dir = os.path.join(workdir, TRANSFER_DIR.format(config.transfer_classifier))
+        other = dataclasses.replace(base, classifier=config.transfer_classifier)
+        _train(config, other_dir, strategy, "stage0", config.classifier_steps, other)
+        paths["transfer"] = os.path.join(other_dir, "stage0", stages.CLASSIFIER_FILE)
+    with_classifier = dataclasses.replace(base, classifier_path=paths["classifier"])
+    _train(config, workdir, strategy, "stage1", config.stage1_steps, with_classifier)
+    paths["stage1"] = os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE)
+    stage2 = dataclasses.replace(with_classifier, autoencoder_path=paths["stage1"])
+    _train(config, workdir, strategy, "stage2", config.stage2_steps, stage2)
+    paths["defended"] = os.path.join(workdir, "stage2", stages.DEFENDED_FILE)
+    return paths
+
+
+def evaluate(config, workdir, paths):
+    """The robustness report of the defended model; reused when it already exists."""
+    outdir = os.path.join(workdir, "eval_report")
+    report_json = os.path.join(outdir, "robustness.json")
+    if os.path.exists(report_json):
+        logging.info("reusing the report in %s", outdir)
+        with open(report_json, encoding="utf-8") as f:
+            return outdir, json.load(f)
+    transfer = ((config.transfer_classifier, paths["transfer"]),) if "transfer" in paths else ()
+    run = eval_lib.EvalRunConfig(
+        data=dataclasses.replace(config.data, split=config.eval_split, augment=False),
+        defended_path=paths["defended"],
+        transfer_classifiers=transfer,
+        attack=config.attack,
+    )
+    return outdir, eval_lib.evaluate(run, outdir)
+
+
+def export(workdir, paths):
+    """Exports the defended SavedModel unless a version exists; returns the version dir."""
+    base = os.path.join(workdir, "export")
+    existing = export_lib.versions(base) if os.path.isdir(base) else []
+    if existing:
+        logging.info("reusing export version %d in %s", max(existing), base)
+        return os.path.join(base, str(max(existing)))
+    return export_lib.export(
+        export_lib.ExportConfig(export_base=base, defended_path=paths["defended"])
+    )
+
+
+def headline(document):
+    """The headline table (Markdown) of a report document."""
+    results, eps = document["results"], max(document["config"]["attack"]["eps"])
+    key = f"{eps * 255:g}/255"
+    threats = results.get("threats", {})
+
+    def pgd(threat):
+        row = threats.get(threat, {}).get("pgd", {}).get(key)
+        return "n/a" if row is None else f"{100 * row['defended']:.1f}%"
+
+    gray = threats.get("gray_box", {}).get("pgd", {}).get(key)
+    alone = "n/a" if gray is None else f"{100 * gray['classifier']:.1f}%"
+    checks = document.get("checks", [])
+    passed = sum(1 for c in checks if c["passed"])
+    clean = results["clean"]
+    lines = [
+        "| clean (classifier) | clean (defended) | PGD on classifier alone | gray-box "
+        "| white-box | BPDA | sanity checks |",
+        "|---|---|---|---|---|---|---|",
+        f"| {100 * clean['classifier']:.1f}% | {100 * clean['defended']:.1f}% | {alone} "
+        f"| {pgd('gray_box')} | {pgd('white_box')} | {pgd('bpda')} "
+        f"| {passed}/{len(checks)} passed |",
+    ]
+    return f"Accuracy under PGD at eps {key} ({results['num_examples']} examples):\n\n" + "\n".join(
+        lines
+    )
+
+
+def run(config, workdir, strategy, print_fn=print):
+    """Runs (or resumes) the whole pipeline; returns where its outputs are."""
+    started = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    paths = train_all(config, workdir, strategy)
+    report_dir, document = evaluate(config, workdir, paths)
+    version_dir = export(workdir, paths)
+    outputs = {
+        "report": os.path.join(report_dir, "report.md"),
+        "tensorboard": f"tensorboard --logdir {workdir}",
+        "export": version_dir,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print_fn(headline(document))
+    for name, value in outputs.items():
+        print_fn(f"{name}: {value}")
+    return outputs
