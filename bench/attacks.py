@@ -19,12 +19,10 @@ Goals: ours / floor >= 0.8 (the attack loop adds little to the model's cost)
 and ours / stock >= 2.
 """
 
-import json
-import os
-import platform
 import statistics
 import time
 
+import bench_util
 import keras
 import numpy as np
 import tensorflow as tf
@@ -39,16 +37,10 @@ from s2s_tf.models import s2s_model
 
 FLOOR_GOAL = 0.8
 STOCK_GOAL = 2.0
-AE_PRESETS = {
-    "tiny": ((8,), (16,)),
-    "medium": ((32, 32), (64, 64), (128, 128)),
-    "vgg3": ae_lib.VGG16_STAGE_WIDTHS[:3],
-}
-
 FLAGS = flags.FLAGS
 
 flags.DEFINE_integer("image_size", 32, "Square image size.")
-flags.DEFINE_enum("ae", "medium", list(AE_PRESETS), "Autoencoder stage widths.")
+flags.DEFINE_enum("ae", "medium", list(bench_util.AE_PRESETS), "Autoencoder stage widths.")
 flags.DEFINE_string("classifier", "small_cnn", "Classifier registry name.")
 flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
 flags.DEFINE_integer("batch_size", 32, "Images per batch.")
@@ -59,31 +51,10 @@ flags.DEFINE_integer("timed_calls", 7, "Timed calls of each measurement; the med
 flags.DEFINE_string("json_out", None, "Also write the numbers to this JSON file.")
 
 
-def _machine():
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu_model = next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                cpu_model,
-            )
-    except OSError:
-        pass
-    gpus = tf.config.list_logical_devices("GPU")
-    return {
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "device": ", ".join(d.name for d in gpus) if gpus else "CPU",
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "load_average_at_start": os.getloadavg()[0],
-    }
-
-
 def build_model():
     """The defended composite: [0, 1] image -> autoencoder -> classifier -> logits."""
     shape = (FLAGS.image_size, FLAGS.image_size, 3)
-    config = ae_lib.AutoencoderConfig(stage_widths=AE_PRESETS[FLAGS.ae])
+    config = ae_lib.AutoencoderConfig(stage_widths=bench_util.AE_PRESETS[FLAGS.ae])
     autoencoder = ae_lib.build_autoencoder(config, input_shape=shape)
     classifier = classifiers.build_classifier_with_preprocessing(
         FLAGS.classifier, shape, FLAGS.num_classes
@@ -148,7 +119,7 @@ def report(results):
         f"PGD-{c['steps']} throughput on the defended composite",
         f"  machine   {m['cpus_usable']} usable CPUs, {m['cpu_model']}; device {m['device']}",
         f"            TensorFlow {m['tensorflow']}, Keras {m['keras']}",
-        f"  config    {c['image_size']} px, ae {c['ae']} {AE_PRESETS[c['ae']]}, "
+        f"  config    {c['image_size']} px, ae {c['ae']} {bench_util.AE_PRESETS[c['ae']]}, "
         f"{c['classifier']}, batch {c['batch_size']}, eps {c['eps']:.4f}, "
         f"{results['parameters']:,} parameters",
         "",
@@ -197,7 +168,7 @@ def main(argv):
     work = {"ours": FLAGS.steps, "floor": 1, "stock": FLAGS.steps}
     rates = {k: work[k] * FLAGS.batch_size / statistics.median(v) for k, v in times.items()}
     results = {
-        "machine": _machine(),
+        "machine": bench_util.machine_info(),
         "parameters": model.count_params(),
         "rates": rates,
         "seconds_per_call": times,
@@ -220,11 +191,7 @@ def main(argv):
         "ours_over_stock": results["ours_over_stock"] >= STOCK_GOAL,
     }
     report(results)
-    if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        with open(FLAGS.json_out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        print(f"  wrote {FLAGS.json_out}", flush=True)
+    bench_util.write_json(results, FLAGS.json_out)
 
 
 if __name__ == "__main__":

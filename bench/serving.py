@@ -20,13 +20,12 @@ Prints latency, throughput and the ratio defended / two-step latency
 (goal <= 1.1) per batch size.
 """
 
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
+import bench_util
 import keras
 import numpy as np
 import tensorflow as tf
@@ -40,16 +39,10 @@ from s2s_tf.models import classifiers
 from s2s_tf.models import s2s_model
 
 RATIO_GOAL = 1.1
-AE_PRESETS = {
-    "tiny": ((8,), (16,)),
-    "medium": ((32, 32), (64, 64), (128, 128)),
-    "vgg3": ae_lib.VGG16_STAGE_WIDTHS[:3],
-}
-
 FLAGS = flags.FLAGS
 
 flags.DEFINE_integer("image_size", 32, "Square image size.")
-flags.DEFINE_enum("ae", "medium", list(AE_PRESETS), "Autoencoder stage widths.")
+flags.DEFINE_enum("ae", "medium", list(bench_util.AE_PRESETS), "Autoencoder stage widths.")
 flags.DEFINE_string("classifier", "small_cnn", "Classifier registry name.")
 flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes to time.")
@@ -58,31 +51,10 @@ flags.DEFINE_integer("timed_calls", 50, "Timed calls of each model per batch siz
 flags.DEFINE_string("json_out", None, "Also write the numbers to this JSON file.")
 
 
-def _machine():
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu_model = next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                cpu_model,
-            )
-    except OSError:
-        pass
-    gpus = tf.config.list_logical_devices("GPU")
-    return {
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "device": ", ".join(d.name for d in gpus) if gpus else "CPU",
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "load_average_at_start": os.getloadavg()[0],
-    }
-
-
 def export_models(directory):
     """Exports the defended model and the two-step baseline; returns the three paths."""
     shape = (FLAGS.image_size, FLAGS.image_size, 3)
-    config = ae_lib.AutoencoderConfig(stage_widths=AE_PRESETS[FLAGS.ae])
+    config = ae_lib.AutoencoderConfig(stage_widths=bench_util.AE_PRESETS[FLAGS.ae])
     autoencoder = ae_lib.build_autoencoder(config, input_shape=shape)
     classifier = classifiers.build_classifier_with_preprocessing(
         FLAGS.classifier, shape, FLAGS.num_classes
@@ -133,7 +105,7 @@ def report(results):
         "Exported defended SavedModel vs autoencoder + classifier SavedModels",
         f"  machine   {m['cpus_usable']} usable CPUs, {m['cpu_model']}; device {m['device']}",
         f"            TensorFlow {m['tensorflow']}, Keras {m['keras']}",
-        f"  config    {c['image_size']} px, ae {c['ae']} {AE_PRESETS[c['ae']]}, "
+        f"  config    {c['image_size']} px, ae {c['ae']} {bench_util.AE_PRESETS[c['ae']]}, "
         f"{c['classifier']}; {c['timed_calls']} timed calls each, median",
         "",
         f"  {'batch':>5}  {'model':<10}{'ms/call':>10}{'images/s':>12}",
@@ -164,7 +136,7 @@ def main(argv):
     if min(batch_sizes + [FLAGS.warmup_calls, FLAGS.timed_calls]) < 1:
         raise app.UsageError("batch sizes, --warmup_calls and --timed_calls must be >= 1")
     keras.utils.set_random_seed(0)
-    machine = _machine()
+    machine = bench_util.machine_info()
     with tempfile.TemporaryDirectory() as directory:
         paths = export_models(directory)
         defended, purifier, classifier = (tf.saved_model.load(p) for p in paths)
@@ -192,11 +164,7 @@ def main(argv):
         },
     }
     report(results)
-    if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        with open(FLAGS.json_out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        print(f"  wrote {FLAGS.json_out}", flush=True)
+    bench_util.write_json(results, FLAGS.json_out)
 
 
 if __name__ == "__main__":

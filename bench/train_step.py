@@ -22,14 +22,12 @@ pipeline / loop >= 5 (the input keeps up with room to spare). The pipeline is
 measured alone; during training it shares the CPU with the step.
 """
 
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
-import keras
+import bench_util
 import numpy as np
 import tensorflow as tf
 from absl import app
@@ -80,30 +78,6 @@ def _image_size(text):
 def _default_source():
     path = os.path.join(data_lib.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")
     return "fashion_mnist" if os.path.isfile(path) else "testing"
-
-
-def _machine():
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpus = tf.config.list_logical_devices("GPU")
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "cpu_model": cpu_model,
-        "device": ", ".join(d.name for d in gpus) if gpus else "CPU",
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
 
 
 def _save_models(directory, size):
@@ -297,7 +271,7 @@ def main(argv):
     data_config = data_lib.DataConfig(
         source=source, image_size=size, global_batch_size=FLAGS.batch_size
     )
-    results = {"machine": _machine()}
+    results = {"machine": bench_util.machine_info()}
     with tempfile.TemporaryDirectory(prefix="s2s_bench_") as tmp:
         model_config = _save_models(os.path.join(tmp, "models"), size)
         results.update(measure_train(model_config, data_config, os.path.join(tmp, "work")))
@@ -325,11 +299,7 @@ def main(argv):
         "pipeline_over_loop": results["pipeline_over_loop"] >= PIPELINE_GOAL,
     }
     report(results)
-    if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        with open(FLAGS.json_out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        print(f"  wrote {FLAGS.json_out}", flush=True)
+    bench_util.write_json(results, FLAGS.json_out)
 
 
 if __name__ == "__main__":
