@@ -255,6 +255,7 @@ def run_attack(
     seed=0,
     clip_min=0.0,
     clip_max=1.0,
+    progress=None,
     **overrides,
 ):
     """Attacks `images` with a registered attack and returns the adversarial images.
@@ -287,6 +288,8 @@ def run_attack(
         (SPSA excepted: it draws from TF's global generator).
       clip_min: lowest pixel value.
       clip_max: highest pixel value.
+      progress: optional callable(done, total) told after each batch, for
+        progress bars.
       **overrides: attack parameters, e.g. decay_factor=0.5 for mim or
         binary_search_steps=9 for cw_l2 (see `ATTACKS[name].defaults`).
 
@@ -330,6 +333,8 @@ def run_attack(
         runs = (enforce_budget(spec, x, adv, eps, clip_min, clip_max) for adv in advs)
         best = next(runs) if n_runs == 1 else _strongest(runs, model_fn, y, targeted)
         out[start:stop] = best[: stop - start]
+        if progress is not None:
+            progress(stop, len(images))
     return out
 
 

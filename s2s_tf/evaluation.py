@@ -148,6 +148,12 @@ class Evaluator:
             params["steps"] = self.config.steps
         params.update(overrides)
         start = time.perf_counter()
+        key = f"{name}@{eps:.4f}"
+
+        def batch_done(done, total):
+            if total > self.config.batch_size:  # one line per batch only when there are several
+                self.progress(f"  {name}: {done}/{total} examples")
+
         adversarial = attacks_lib.run_attack(
             name,
             model_fn,
@@ -156,9 +162,9 @@ class Evaluator:
             float(eps),
             batch_size=self.config.batch_size,
             seed=self.config.seed,
+            progress=batch_done,
             **params,
         )
-        key = f"{name}@{eps:.4f}"
         self.results["timing"][key] = self.results["timing"].get(key, 0.0) + (
             time.perf_counter() - start
         )

@@ -130,6 +130,9 @@ class EvaluatorTest(tf.test.TestCase):
         self.assertEqual(matrix["classifier"]["copy"], matrix["classifier"]["classifier"])
         self.assertIn("pgd_large_eps", results["extra"])
         self.assertTrue(any("transfer" in m for m in messages))
+        # Progress per batch: 6 examples in batches of 3.
+        self.assertIn("  pgd: 3/6 examples", messages)
+        self.assertIn("  pgd: 6/6 examples", messages)
         self.assertIn("white_box/pgd", evaluator.examples)
 
 
