@@ -51,9 +51,13 @@ setuptools.setup(
         "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
         "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
         "test": ["pytest>=8", "ruff==0.17.6"],
+        # Only for reading the authors' .pth/.pt checkpoints (s2s_tf.convert_main);
+        # .npz/.safetensors exports of them need no PyTorch.
+        "torch": ["torch>=2.6"],
     },
     entry_points={
         "console_scripts": [
+            "s2s_convert=s2s_tf.convert_main:run",
             "s2s_demo=s2s_tf.demo_main:run",
             "s2s_train=s2s_tf.train_main:run",
             "s2s_evaluate=s2s_tf.evaluate_main:run",

@@ -42,6 +42,7 @@ from s2s_tf.models import classifiers  # noqa: F401
 from s2s_tf.models import layers  # noqa: F401
 from s2s_tf.models import preprocessing  # noqa: F401
 from s2s_tf.models import s2s_model
+from s2s_tf.models import torch_convert
 
 # Where the training binary leaves its final models (see `s2s_tf.train_lib`).
 DEFENDED_FILE = os.path.join("stage2", "defended.keras")
@@ -162,14 +163,16 @@ def _load_keras(path, what):
 
 
 def load_models(config):
-    """Loads (autoencoder, classifier) from the config's `.keras` files."""
+    """Loads (autoencoder, classifier) from the config's files.
+
+    The autoencoder is a `.keras` file or the authors' PyTorch checkpoint
+    (`torch_convert.CHECKPOINT_SUFFIXES`, converted on load).
+    """
     if config.defended_path:
         defended = _load_keras(config.defended_path, "defended model")
         return s2s_model.get_autoencoder(defended), s2s_model.get_classifier(defended)
-    return (
-        _load_keras(config.autoencoder_path, "autoencoder"),
-        _load_keras(config.classifier_path, "classifier"),
-    )
+    autoencoder = torch_convert.load_autoencoder(config.autoencoder_path)
+    return autoencoder, _load_keras(config.classifier_path, "classifier")
 
 
 def build_serving_models(autoencoder, classifier, image_size=None):

@@ -26,10 +26,10 @@ FLAGS = flags.FLAGS
 
 def config_from_flags():
     """Builds the `ExportConfig` from parsed flags."""
-    if FLAGS.defended_path or FLAGS.autoencoder_path:
+    if FLAGS.defended_path or FLAGS.autoencoder_path or FLAGS.init_from:
         sources = {
             "defended_path": FLAGS.defended_path,
-            "autoencoder_path": FLAGS.autoencoder_path,
+            "autoencoder_path": FLAGS.autoencoder_path or FLAGS.init_from,
             "classifier_path": FLAGS.classifier_path,
         }
     else:

@@ -30,6 +30,12 @@ def define_export_flags():
     )
     flags.DEFINE_string("autoencoder_path", None, "A .keras autoencoder (with --classifier_path).")
     flags.DEFINE_string(
+        "init_from",
+        None,
+        "Instead of --autoencoder_path: the authors' released S2SNet, as converted by "
+        "s2s_tf.convert_main (.keras) or their .pth/.pt/.npz/.safetensors checkpoint.",
+    )
+    flags.DEFINE_string(
         "classifier_path", None, "A .keras [0, 1]-input classifier (with --autoencoder_path)."
     )
     flags.DEFINE_string("export_base", None, "TF Serving base path; default <workdir>/export.")
@@ -70,11 +76,20 @@ def define_export_flags():
 
 
 def _register_source_validator():
-    names = ["workdir", "defended_path", "autoencoder_path", "classifier_path", "export_base"]
+    names = [
+        "workdir",
+        "defended_path",
+        "autoencoder_path",
+        "init_from",
+        "classifier_path",
+        "export_base",
+    ]
 
     @flags.multi_flags_validator(names)
     def _check_sources(values):
-        parts = [values["autoencoder_path"], values["classifier_path"]]
+        if values["init_from"] and values["autoencoder_path"]:
+            raise flags.ValidationError("give --init_from or --autoencoder_path, not both")
+        parts = [values["autoencoder_path"] or values["init_from"], values["classifier_path"]]
         if values["defended_path"] and any(parts):
             raise flags.ValidationError(
                 "give --defended_path or --autoencoder_path/--classifier_path, not both"

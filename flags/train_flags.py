@@ -51,6 +51,13 @@ def define_train_flags(dataset_names, classifier_names):
         None,
         "Stage 2: the stage-1 autoencoder (.keras); default <workdir>/stage1/autoencoder.keras.",
     )
+    flags.DEFINE_string(
+        "init_from",
+        None,
+        "Stage 2: start from the authors' released S2SNet instead of a stage-1 run: the "
+        ".keras file of s2s_tf.convert_main, or their .pth/.pt/.npz/.safetensors checkpoint "
+        "(converted on load; .pth needs PyTorch).",
+    )
     _define_loop_flags()
     _define_optimizer_flags()
     _define_strategy_flags()
@@ -114,15 +121,26 @@ def _define_strategy_flags():
 
 def _register_stage2_inputs_validator():
     @flags.multi_flags_validator(
-        ["stage", "workdir", "autoencoder_path"],
+        ["stage", "autoencoder_path", "init_from"],
+        message="--init_from is for --stage=stage2 and replaces --autoencoder_path",
+    )
+    def _init_from_is_for_stage2(values):
+        if not values["init_from"]:
+            return True
+        return values["stage"] == "stage2" and not values["autoencoder_path"]
+
+    @flags.multi_flags_validator(
+        ["stage", "workdir", "autoencoder_path", "init_from"],
         message="--stage=stage2 needs a stage-1 autoencoder: run --stage=stage1 with this "
-        "--workdir first, or pass --autoencoder_path",
+        "--workdir first, or pass --autoencoder_path or --init_from",
     )
     def _stage2_has_autoencoder(values):
         if values["stage"] != "stage2":
             return True
-        path = values["autoencoder_path"] or stage_dir_file(
-            values["workdir"], "stage1", "autoencoder.keras"
+        path = (
+            values["init_from"]
+            or values["autoencoder_path"]
+            or stage_dir_file(values["workdir"], "stage1", "autoencoder.keras")
         )
         return bool(path) and os.path.exists(path)
 
@@ -148,4 +166,9 @@ def _register_stage2_inputs_validator():
         "autoencoder_path",
         lambda v: v is None or os.path.exists(v),
         message="--autoencoder_path does not exist",
+    )
+    flags.register_validator(
+        "init_from",
+        lambda v: v is None or os.path.exists(v),
+        message="--init_from does not exist",
     )

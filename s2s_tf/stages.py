@@ -22,6 +22,7 @@ from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import preprocessing
 from s2s_tf.models import s2s_model
+from s2s_tf.models import torch_convert
 from s2s_tf.models import vgg16_init
 
 CLASSIFIER_FILE = "classifier.keras"
@@ -43,7 +44,9 @@ class ModelConfig:
       image_size: (H, W) of the images.
       autoencoder: the autoencoder's shape (stage 1).
       ae_init: VGG16 weights for the encoder at stage 1 ("imagenet" or a file).
-      autoencoder_path: a `.keras` autoencoder (stage 1's output) for stage 2.
+      autoencoder_path: the autoencoder stage 2 starts from: a `.keras` file (stage
+        1's output, or `convert_main`'s) or the authors' PyTorch checkpoint
+        (`torch_convert.CHECKPOINT_SUFFIXES`, converted on load).
     """
 
     classifier: str = "small_cnn"
@@ -209,9 +212,13 @@ class DecoderStage(trainer.Stage):
     def build(self):
         if not self.config.autoencoder_path:
             raise ValueError("stage 2 needs the stage-1 autoencoder (autoencoder_path)")
-        self.autoencoder = checkpointing.load_keras(
-            self.config.autoencoder_path, "stage-1 autoencoder model"
-        )
+        path = self.config.autoencoder_path
+        if path.lower().endswith(torch_convert.CHECKPOINT_SUFFIXES):
+            self.autoencoder = torch_convert.load_autoencoder(
+                path, pool_impl=self.config.autoencoder.pool_impl
+            )
+        else:
+            self.autoencoder = checkpointing.load_keras(path, "stage-1 autoencoder model")
         self.classifier = load_or_build_classifier(self.config)
         # Frozen parts: no trainable variables, inference-mode BatchNorm.
         ae_lib.get_encoder(self.autoencoder).trainable = False

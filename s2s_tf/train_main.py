@@ -59,11 +59,13 @@ def _classifier_path():
 
 
 def _autoencoder_path():
-    """Stage 2 fine-tunes --autoencoder_path, else stage 1's model in the workdir."""
+    """Stage 2 fine-tunes --init_from or --autoencoder_path, else stage 1's model in the workdir."""
     if FLAGS.stage != "stage2":
         return None
-    return FLAGS.autoencoder_path or train_flags.stage_dir_file(
-        FLAGS.workdir, "stage1", stages.AUTOENCODER_FILE
+    return (
+        FLAGS.init_from
+        or FLAGS.autoencoder_path
+        or train_flags.stage_dir_file(FLAGS.workdir, "stage1", stages.AUTOENCODER_FILE)
     )
 
 

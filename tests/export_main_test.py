@@ -139,6 +139,12 @@ class ExportMainTest(tf.test.TestCase, parameterized.TestCase):
         ("out_of_range", ["--out_of_range=wrap"], "out_of_range"),
         ("both_sources", ["--defended_path=d.keras", "--autoencoder_path=a.keras"], "not both"),
         ("half_parts", ["--autoencoder_path=a.keras"], "go together"),
+        (
+            "init_from_and_autoencoder",
+            ["--init_from=s.npz", "--autoencoder_path=a.keras"],
+            "not both",
+        ),
+        ("init_from_alone", ["--init_from=s.npz"], "go together"),
         ("image_size", ["--image_size=0"], "image_size"),
         ("missing_model", ["--defended_path=missing.keras"], "not found"),
     )

@@ -21,6 +21,7 @@ from s2s_tf.models import classifiers
 TINY_AE = ae_lib.AutoencoderConfig(stage_widths=((4,), (8,)))
 SYNTHETIC = data_lib.DataConfig(source="testing", image_size=(16, 16), global_batch_size=8)
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 
 
 def _strategy():
@@ -80,6 +81,21 @@ class DecoderStageTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(all(changed[:2]), "decoder conv weights did not change")
         final = os.path.join(workdir, "stage2")
         self.assertTrue(os.path.exists(os.path.join(final, stages.DEFENDED_FILE)))
+
+    def test_starts_from_the_authors_checkpoint(self):
+        """--init_from: the PyTorch SegNet fixture (.npz) is converted on load."""
+        config = stages.ModelConfig(
+            classifier="testing",
+            image_size=(32, 32),
+            autoencoder_path=os.path.join(TESTDATA, "segnet_fixture_state.npz"),
+        )
+        stage = stages.DecoderStage(config)
+        stage.build()
+        with np.load(os.path.join(TESTDATA, "segnet_fixture_reference.npz")) as reference:
+            images = np.transpose(reference["input"], (0, 2, 3, 1))
+            expected = np.transpose(reference["output"], (0, 2, 3, 1))
+        self.assertAllClose(stage.autoencoder(images, training=False), expected, atol=1e-5, rtol=0)
+        self.assertFalse(ae_lib.get_encoder(stage.autoencoder).trainable)
 
     def test_needs_the_stage1_autoencoder(self):
         stage = stages.DecoderStage(stages.ModelConfig(autoencoder_path="/nonexistent/ae.keras"))

@@ -366,6 +366,8 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
         ("negative_learning_rate", "stage1", ["--learning_rate=-1"], ["--learning_rate"]),
         ("missing_workdir", "stage1", [], ["--workdir"], "no_workdir"),
         ("missing_stage", None, [], ["--stage"]),
+        ("init_from_in_stage1", "stage1", [f"--init_from={__file__}"], ["--init_from", "stage2"]),
+        ("missing_init_from", "stage2", ["--init_from=/nonexistent/s2snet.pth"], ["--init_from"]),
         (
             "stage2_without_autoencoder",
             "stage2",
