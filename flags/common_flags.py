@@ -105,6 +105,30 @@ def define_data_flags(dataset_names, default_dataset="fashion_mnist"):
     )
 
 
+def data_config_kwargs(flag_values=None):
+    """The `data.DataConfig` fields that `define_data_flags` sets, as keyword arguments.
+
+    Binaries add what is theirs (split, augmentation, example limit):
+    `data.DataConfig(**data_config_kwargs(), split="test")`.
+
+    Args:
+      flag_values: parsed flags (default: the global `flags.FLAGS`).
+
+    Returns:
+      A dict of `DataConfig` keyword arguments.
+    """
+    values = flag_values or flags.FLAGS
+    return {
+        "source": values.dataset,
+        "image_size": parse_image_size(values.image_size),
+        "global_batch_size": values.batch_size,
+        "seed": values.seed,
+        "data_dir": values.data_dir,
+        "folder": values.image_folder,
+        "manual_dir": values.manual_dir,
+    }
+
+
 def define_model_flags(classifier_names, default_classifier="small_cnn"):
     """Defines the classifier and autoencoder flags.
 

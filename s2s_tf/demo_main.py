@@ -27,19 +27,8 @@ def define_flags():
 
 def config_from_flags():
     """Builds the `DemoConfig` from parsed flags."""
-    dataset = FLAGS.dataset
-    tfds_name = dataset.split(":", 1)[1] if dataset.startswith("tfds:") else None
     data = data_lib.DataConfig(
-        source="tfds" if tfds_name else dataset,
-        tfds_name=tfds_name,
-        split=FLAGS.split,
-        image_size=common_flags.parse_image_size(FLAGS.image_size),
-        global_batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
-        data_dir=FLAGS.data_dir,
-        folder=FLAGS.image_folder,
-        manual_dir=FLAGS.manual_dir,
-        augment=False,
+        **common_flags.data_config_kwargs(), split=FLAGS.split, augment=False
     )
     autoencoder = ae_lib.AutoencoderConfig(
         stage_widths=common_flags.parse_stage_widths(FLAGS.ae_stage_widths),

@@ -31,14 +31,9 @@ def config_from_flags():
         None if composed else os.path.join(FLAGS.workdir, "stage2", "defended.keras")
     )
     data = data_lib.DataConfig(
-        source=FLAGS.dataset,
+        **common_flags.data_config_kwargs(),
         split=FLAGS.eval_split,
-        image_size=common_flags.parse_image_size(FLAGS.image_size),
-        global_batch_size=FLAGS.batch_size,
         augment=False,
-        data_dir=FLAGS.data_dir,
-        folder=FLAGS.image_folder,
-        manual_dir=FLAGS.manual_dir,
         num_examples=FLAGS.num_examples,
     )
     return eval_lib.EvalRunConfig(

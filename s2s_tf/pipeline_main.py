@@ -29,15 +29,7 @@ def config_from_flags():
     """Builds the `PipelineConfig` from parsed flags."""
     defaults = pipeline.PipelineConfig()
     return pipeline.PipelineConfig(
-        data=data_lib.DataConfig(
-            source=FLAGS.dataset,
-            image_size=common_flags.parse_image_size(FLAGS.image_size),
-            global_batch_size=FLAGS.batch_size,
-            seed=FLAGS.seed,
-            data_dir=FLAGS.data_dir,
-            folder=FLAGS.image_folder,
-            manual_dir=FLAGS.manual_dir,
-        ),
+        data=data_lib.DataConfig(**common_flags.data_config_kwargs()),
         eval_split=FLAGS.eval_split,
         classifier=FLAGS.classifier,
         transfer_classifier=FLAGS.transfer_classifier,

@@ -33,16 +33,7 @@ FLAGS = flags.FLAGS
 
 def data_configs():
     """(train, eval or None) `DataConfig`s from the flags."""
-    train = data_lib.DataConfig(
-        source=FLAGS.dataset,
-        split=FLAGS.train_split,
-        image_size=common_flags.parse_image_size(FLAGS.image_size),
-        global_batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
-        data_dir=FLAGS.data_dir,
-        folder=FLAGS.image_folder,
-        manual_dir=FLAGS.manual_dir,
-    )
+    train = data_lib.DataConfig(**common_flags.data_config_kwargs(), split=FLAGS.train_split)
     if not FLAGS.eval_split:
         return train, None
     return train, dataclasses.replace(
