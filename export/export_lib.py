@@ -36,11 +36,6 @@ import keras
 
 from s2s_tf.export import serving_files
 from s2s_tf.export import signatures
-
-# Imported for their registered Keras classes, which safe-mode loading needs.
-from s2s_tf.models import classifiers  # noqa: F401
-from s2s_tf.models import layers  # noqa: F401
-from s2s_tf.models import preprocessing  # noqa: F401
 from s2s_tf.models import s2s_model
 from s2s_tf.models import torch_convert
 
@@ -156,12 +151,6 @@ def default_sources(workdir):
     return {"defended_path": defended}
 
 
-def _load_keras(path, what):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
-
-
 def load_models(config):
     """Loads (autoencoder, classifier) from the config's files.
 
@@ -169,10 +158,10 @@ def load_models(config):
     (`torch_convert.CHECKPOINT_SUFFIXES`, converted on load).
     """
     if config.defended_path:
-        defended = _load_keras(config.defended_path, "defended model")
+        defended = s2s_model.load_keras(config.defended_path, "defended model")
         return s2s_model.get_autoencoder(defended), s2s_model.get_classifier(defended)
     autoencoder = torch_convert.load_autoencoder(config.autoencoder_path)
-    return autoencoder, _load_keras(config.classifier_path, "classifier")
+    return autoencoder, s2s_model.load_keras(config.classifier_path, "classifier")
 
 
 def build_serving_models(autoencoder, classifier, image_size=None):

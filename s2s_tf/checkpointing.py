@@ -15,16 +15,10 @@ import glob
 import os
 import shutil
 
-import keras
 import tensorflow as tf
 from absl import logging
 
 from s2s_tf import distribute
-
-# Imported for their registered Keras classes, which `load_keras` needs in safe mode.
-from s2s_tf.models import classifiers  # noqa: F401
-from s2s_tf.models import layers  # noqa: F401
-from s2s_tf.models import preprocessing  # noqa: F401
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -96,14 +90,3 @@ def save_keras_atomic(model, path):
     model.save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def load_keras(path, what):
-    """Loads a `.keras` model with `safe_mode=True`, naming `what` is missing if it is.
-
-    Raises:
-      FileNotFoundError: naming `what` and the path.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return keras.saving.load_model(path, compile=False, safe_mode=True)

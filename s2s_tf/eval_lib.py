@@ -16,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from s2s_tf import checkpointing
 from s2s_tf import config_io
 from s2s_tf import data as data_lib
 from s2s_tf import evaluation
@@ -67,18 +66,18 @@ class EvalRunConfig:
 def load_models(config):
     """Returns (`evaluation.Models`, the defended keras model, the purifier keras model)."""
     if config.defended_path:
-        defended = checkpointing.load_keras(config.defended_path, "defended model")
+        defended = s2s_model.load_keras(config.defended_path, "defended model")
         autoencoder = s2s_model.get_autoencoder(defended)
         classifier = s2s_model.get_classifier(defended)
     else:
-        autoencoder = checkpointing.load_keras(config.autoencoder_path, "autoencoder model")
-        classifier = checkpointing.load_keras(config.classifier_path, "classifier model")
+        autoencoder = s2s_model.load_keras(config.autoencoder_path, "autoencoder model")
+        classifier = s2s_model.load_keras(config.classifier_path, "classifier model")
         defended = s2s_model.build_s2s_model(autoencoder, classifier)
     shape = defended.input_shape[1:]
     purifier = s2s_model.build_purifier(autoencoder, shape)
     others = {}
     for name, path in config.transfer_classifiers:
-        other = checkpointing.load_keras(path, f"transfer classifier {name}")
+        other = s2s_model.load_keras(path, f"transfer classifier {name}")
         others[name] = other
         others[f"{name}+s2s"] = s2s_model.build_s2s_model(autoencoder, other, shape)
     models = evaluation.Models(

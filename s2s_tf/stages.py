@@ -62,7 +62,7 @@ class ModelConfig:
 def load_or_build_classifier(config):
     """The [0, 1]-input classifier: from `classifier_path` if given, else the registry."""
     if config.classifier_path:
-        return checkpointing.load_keras(config.classifier_path, "classifier model")
+        return s2s_model.load_keras(config.classifier_path, "classifier model")
     return classifiers.build_classifier_with_preprocessing(
         config.classifier, (*config.image_size, 3), config.num_classes, config.classifier_weights
     )
@@ -218,7 +218,7 @@ class DecoderStage(trainer.Stage):
                 path, pool_impl=self.config.autoencoder.pool_impl
             )
         else:
-            self.autoencoder = checkpointing.load_keras(path, "stage-1 autoencoder model")
+            self.autoencoder = s2s_model.load_keras(path, "stage-1 autoencoder model")
         self.classifier = load_or_build_classifier(self.config)
         # Frozen parts: no trainable variables, inference-mode BatchNorm.
         ae_lib.get_encoder(self.autoencoder).trainable = False

@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 
 from s2s_tf import checkpointing
+from s2s_tf.models import s2s_model
 
 
 class CheckpointingTest(tf.test.TestCase):
@@ -37,10 +38,10 @@ class CheckpointingTest(tf.test.TestCase):
         path = os.path.join(tempfile.mkdtemp(), "sub", "model.keras")
         checkpointing.save_keras_atomic(model, path)
         self.assertEqual(os.listdir(os.path.dirname(path)), ["model.keras"])
-        loaded = checkpointing.load_keras(path, "test model")
+        loaded = s2s_model.load_keras(path, "test model")
         self.assertAllClose(loaded(tf.ones((1, 3))), model(tf.ones((1, 3))))
         with self.assertRaisesRegex(FileNotFoundError, "test model not found"):
-            checkpointing.load_keras(path + ".missing", "test model")
+            s2s_model.load_keras(path + ".missing", "test model")
 
 
 if __name__ == "__main__":

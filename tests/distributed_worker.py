@@ -44,6 +44,7 @@ from s2s_tf import train_lib
 from s2s_tf import trainer
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
+from s2s_tf.models import s2s_model
 
 IMAGE_SIZE = (16, 16)
 GLOBAL_BATCH = 8
@@ -250,7 +251,7 @@ def multi_worker(args):
     (stage,) = made
     arrays = {f"final|{i}": np.array(w) for i, w in enumerate(stage.autoencoder.get_weights())}
     for path in result["final_models"]:  # the chief's: read back what it wrote
-        saved = checkpointing.load_keras(path, "final autoencoder")
+        saved = s2s_model.load_keras(path, "final autoencoder")
         arrays.update({f"saved|{i}": w for i, w in enumerate(saved.get_weights())})
     arrays["replicas"] = np.array(strategy.num_replicas_in_sync)
     arrays["is_chief"] = np.array(distribute.is_chief(strategy))

@@ -33,7 +33,7 @@ def _save_models(directory):
         paths[name] = checkpointing.save_keras_atomic(
             classifier, os.path.join(directory, f"{name}.keras")
         )
-    defended = s2s_model.build_s2s_model(ae, checkpointing.load_keras(paths["testing"], "c"))
+    defended = s2s_model.build_s2s_model(ae, s2s_model.load_keras(paths["testing"], "c"))
     paths["defended"] = checkpointing.save_keras_atomic(
         defended, os.path.join(directory, "stage2", "defended.keras")
     )
@@ -72,7 +72,7 @@ class EvaluateTest(tf.test.TestCase):
         images, labels = data_lib.load_numpy(
             data_lib.DataConfig(source="testing", split="test", image_size=SIZE, num_examples=12)
         )
-        defended = checkpointing.load_keras(paths["defended"], "defended")
+        defended = s2s_model.load_keras(paths["defended"], "defended")
         expected = attacks.accuracy(defended, images, labels)
         self.assertAlmostEqual(saved["results"]["clean"]["defended"], expected)
         with open(os.path.join(outdir, "report.md")) as f:

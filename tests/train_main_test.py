@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import checkpointing
 from s2s_tf import stages
+from s2s_tf.models import s2s_model
 
 TINY_ARGS = (
     "--dataset=testing",
@@ -354,7 +354,7 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
             for tag in eval_scalars[stage]:
                 self.assertEqual(evaluation.get(tag), ("scalars", [4]), f"{stage} eval {tag}")
 
-        defended = checkpointing.load_keras(
+        defended = s2s_model.load_keras(
             os.path.join(workdir, "stage2", stages.DEFENDED_FILE), "defended model"
         )
         logits = defended(np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32))

@@ -10,8 +10,13 @@ happens inside the graph:
       -> classifier (its own preprocessing inside) -> logits
 """
 
+import os
+
 import keras
 
+# Imported for their registered Keras classes, which `load_keras` needs in safe mode.
+from s2s_tf.models import classifiers  # noqa: F401
+from s2s_tf.models import layers  # noqa: F401
 from s2s_tf.models import preprocessing
 
 AUTOENCODER_NAME = "autoencoder"
@@ -90,3 +95,18 @@ def get_autoencoder(s2s_model):
 def get_classifier(s2s_model):
     """The [0, 1]-input classifier nested in a model from `build_s2s_model`."""
     return s2s_model.get_layer(CLASSIFIER_NAME)
+
+
+def load_keras(path, what="model"):
+    """Loads one of this project's `.keras` models with `safe_mode=True`.
+
+    Args:
+      path: the `.keras` file (an autoencoder, classifier or defended model).
+      what: what the file should hold, for the error message.
+
+    Raises:
+      FileNotFoundError: naming `what` and the path.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import s2s_model
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
 TORCH_SUFFIXES = (".pth", ".pt")
@@ -441,9 +442,7 @@ def load_autoencoder(path, input_shape=None, skip_prefixes=(), **overrides):
     """
     path = os.fspath(path)
     if path.endswith(".keras"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"autoencoder not found: {path}")
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        return s2s_model.load_keras(path, "autoencoder")
     state = load_state_dict(path, skip_prefixes)
     try:
         return autoencoder_from_state_dict(state, input_shape, **overrides)
