@@ -144,11 +144,9 @@ def report(results):
         + ", ".join(f"{k} {v:.1f}" for k, v in results["first_call_seconds"].items())
         + f"; timed: {c['timed_calls']} calls each, median",
     ]
-    if m["load_average_at_start"] > 0.5 * m["cpus_usable"]:
-        lines.append(
-            f"  note: load average {m['load_average_at_start']:.2f} at start; other processes "
-            "share the CPU, so rates are noisy"
-        )
+    note = bench_util.load_note(m)
+    if note:
+        lines.append(note)
     print("\n".join(lines), flush=True)
 
 

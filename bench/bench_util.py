@@ -42,6 +42,16 @@ def machine_info():
     }
 
 
+def load_note(machine, advice=""):
+    """A line warning that other processes shared the CPU, or None on a quiet machine."""
+    load = machine["load_average_at_start"]
+    if load is None or load <= 0.5 * machine["cpus_usable"]:
+        return None
+    return f"  note: load average {load:.2f} at start; other processes share the CPU, so " + (
+        f"rates are noisy{advice}"
+    )
+
+
 def write_json(results, path):
     """Writes `results` to `path` (if given) and says so."""
     if not path:

@@ -121,11 +121,9 @@ def report(results):
             f"  {batch:>5}  defended / two-step latency {row['ratio']:.3f}  "
             f"goal <= {RATIO_GOAL}  {verdict}"
         )
-    if m["load_average_at_start"] > 0.5 * m["cpus_usable"]:
-        lines.append(
-            f"  note: load average {m['load_average_at_start']:.2f} at start; other processes "
-            "share the CPU, so timings are noisy"
-        )
+    note = bench_util.load_note(m)
+    if note:
+        lines.append(note)
     print("\n".join(lines), flush=True)
 
 

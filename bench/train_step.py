@@ -251,12 +251,9 @@ def report(results):
         f"bare {results['bare_first_group_seconds']:.1f} s; timed calls: "
         f"{c['timed_calls']} x {c['steps_per_loop']} steps, median",
     ]
-    load = m["load_average_at_start"]
-    if load is not None and load > 0.5 * m["cpus_usable"]:
-        lines.append(
-            f"  note: load average {load:.2f} at start; other processes share the CPU, "
-            "so rates are noisy (rerun on an idle machine or raise --timed_calls)"
-        )
+    note = bench_util.load_note(m, " (rerun on an idle machine or raise --timed_calls)")
+    if note:
+        lines.append(note)
     print("\n".join(lines), flush=True)
 
 
