@@ -1,9 +1,11 @@
 """Packaging for s2s_tf.
 
 The repository keeps `flags/` and `export/` at its top level (the design-card
-layout), but they are installed *inside* the `s2s_tf` namespace as
-`s2s_tf.flags` and `s2s_tf.export`, so nothing generic lands at the top level
-of site-packages.
+layout); they are the packages `s2s_tf.flags` and `s2s_tf.export`, both in the
+source tree (`s2s_tf/flags` and `s2s_tf/export` are symbolic links to them) and
+once installed (real directories in site-packages). So `import s2s_tf.flags`
+means the same code from the repository root, from anywhere else and from an
+installed wheel, and nothing generic lands at the top level of site-packages.
 
 TensorFlow is chosen by an extra: `pip install .[cpu]` (tensorflow-cpu) or
 `pip install .[gpu]` (tensorflow[and-cuda]). CleverHans 4 pins old versions of
@@ -26,17 +28,8 @@ setuptools.setup(
     long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "s2s_tf",
-        "s2s_tf.models",
-        "s2s_tf.flags",
-        "s2s_tf.export",
-    ],
-    package_dir={
-        "s2s_tf": "s2s_tf",
-        "s2s_tf.flags": "flags",
-        "s2s_tf.export": "export",
-    },
+    # find_packages follows the two links, so the wheel holds the files themselves.
+    packages=setuptools.find_packages(include=["s2s_tf", "s2s_tf.*"]),
     package_data={"s2s_tf.flags": ["presets/*.cfg"]},
     install_requires=[
         "keras>=3.10",

@@ -7,7 +7,7 @@ On one machine it builds the defended composite (`s2s_model.build_s2s_model`:
 an untrained SegNet autoencoder + small_cnn, 32 px by default) and measures, in
 images x steps per second on one fixed batch:
 
-* ours: `attacks.run_attack("pgd", ...)` with k steps (compiled once, cached;
+* ours: `runner.run_attack("pgd", ...)` with k steps (compiled once, cached;
   includes the numpy conversions and the final budget check);
 * floor: one forward+backward of the cross-entropy with respect to the input
   in a plain `tf.function` (the cost of one PGD step with nothing else);
@@ -30,10 +30,10 @@ from absl import app
 from absl import flags
 from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
-from s2s_tf import attacks
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import s2s_model
+from s2s_tf.robustness import runner
 
 FLOOR_GOAL = 0.8
 STOCK_GOAL = 2.0
@@ -43,11 +43,15 @@ flags.DEFINE_integer("image_size", 32, "Square image size.")
 flags.DEFINE_enum("ae", "medium", list(bench_util.AE_PRESETS), "Autoencoder stage widths.")
 flags.DEFINE_string("classifier", "small_cnn", "Classifier registry name.")
 flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
-flags.DEFINE_integer("batch_size", 32, "Images per batch.")
-flags.DEFINE_integer("steps", 10, "PGD steps k.")
+flags.DEFINE_integer("batch_size", 32, "Images per batch.", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "PGD steps k.", lower_bound=1)
 flags.DEFINE_float("eps", 8.0 / 255.0, "L-inf budget in [0, 1] pixel units.")
-flags.DEFINE_integer("warmup_calls", 2, "Untimed calls of each measurement; the first compiles.")
-flags.DEFINE_integer("timed_calls", 7, "Timed calls of each measurement; the median is used.")
+flags.DEFINE_integer(
+    "warmup_calls", 2, "Untimed calls of each measurement; the first compiles.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "timed_calls", 7, "Timed calls of each measurement; the median is used.", lower_bound=1
+)
 flags.DEFINE_string("json_out", None, "Also write the numbers to this JSON file.")
 
 
@@ -76,7 +80,7 @@ def measure(model, images, labels):
         return tape.gradient(loss, x)
 
     calls = {
-        "ours": lambda: attacks.run_attack("pgd", model, images, labels, eps, steps=k),
+        "ours": lambda: runner.run_attack("pgd", model, images, labels, eps, steps=k),
         "floor": lambda: forward_backward(x, y).numpy(),
         "stock": lambda: projected_gradient_descent(
             model,
@@ -144,18 +148,12 @@ def report(results):
         + ", ".join(f"{k} {v:.1f}" for k, v in results["first_call_seconds"].items())
         + f"; timed: {c['timed_calls']} calls each, median",
     ]
-    note = bench_util.load_note(m)
-    if note:
-        lines.append(note)
-    print("\n".join(lines), flush=True)
+    bench_util.print_report(lines, m)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    for name in ("batch_size", "steps", "warmup_calls", "timed_calls"):
-        if FLAGS[name].value < 1:
-            raise app.UsageError(f"--{name} must be >= 1")
     keras.utils.set_random_seed(0)
     model = build_model()
     rng = np.random.default_rng(0)

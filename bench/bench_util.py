@@ -60,3 +60,9 @@ def write_json(results, path):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     print(f"  wrote {path}", flush=True)
+
+
+def print_report(lines, machine, advice=""):
+    """Prints a benchmark's report lines, then the machine-load note if the machine was busy."""
+    note = load_note(machine, advice)
+    print("\n".join([*lines, note] if note else lines), flush=True)

@@ -121,10 +121,7 @@ def report(results):
             f"  {batch:>5}  defended / two-step latency {row['ratio']:.3f}  "
             f"goal <= {RATIO_GOAL}  {verdict}"
         )
-    note = bench_util.load_note(m)
-    if note:
-        lines.append(note)
-    print("\n".join(lines), flush=True)
+    bench_util.print_report(lines, m)
 
 
 def main(argv):

@@ -33,14 +33,15 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
-from s2s_tf import checkpointing
+from s2s_tf import constants
 from s2s_tf import data as data_lib
-from s2s_tf import distribute
-from s2s_tf import optim
-from s2s_tf import stages
-from s2s_tf import trainer
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
+from s2s_tf.train import checkpointing
+from s2s_tf.train import distribute
+from s2s_tf.train import optim
+from s2s_tf.train import stages
+from s2s_tf.train import trainer
 
 LOOP_GOAL = 0.9
 PIPELINE_GOAL = 5.0
@@ -51,10 +52,16 @@ flags.DEFINE_string("image_size", "32", "Image size: 'S' or 'H,W'.")
 flags.DEFINE_integer("ae_stages", 3, "Autoencoder stages (AutoencoderConfig.num_stages).")
 flags.DEFINE_string("classifier", "small_cnn", "Classifier registry name.")
 flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-flags.DEFINE_integer("steps_per_loop", 10, "Steps per timed call (loop) / per timed group (bare).")
-flags.DEFINE_integer("warmup_calls", 2, "Untimed calls (groups) before timing; the first compiles.")
-flags.DEFINE_integer("timed_calls", 5, "Timed calls (groups) of loop and bare; the median is used.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer(
+    "steps_per_loop", 10, "Steps per timed call (loop) / per timed group (bare).", lower_bound=1
+)
+flags.DEFINE_integer(
+    "warmup_calls", 2, "Untimed calls (groups) before timing; the first compiles.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "timed_calls", 5, "Timed calls (groups) of loop and bare; the median is used.", lower_bound=1
+)
 flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "one_device"], "Strategy of the loop.")
 flags.DEFINE_enum("optimizer", "adam", list(optim.OPTIMIZERS), "Optimizer of loop and bare step.")
 flags.DEFINE_string(
@@ -91,12 +98,12 @@ def _save_models(directory, size):
         classifier=FLAGS.classifier,
         num_classes=FLAGS.num_classes,
         classifier_path=checkpointing.save_keras_atomic(
-            classifier, os.path.join(directory, stages.CLASSIFIER_FILE)
+            classifier, os.path.join(directory, constants.CLASSIFIER_FILE)
         ),
         image_size=size,
         autoencoder=ae_config,
         autoencoder_path=checkpointing.save_keras_atomic(
-            autoencoder, os.path.join(directory, stages.AUTOENCODER_FILE)
+            autoencoder, os.path.join(directory, constants.AUTOENCODER_FILE)
         ),
     )
 
@@ -251,18 +258,12 @@ def report(results):
         f"bare {results['bare_first_group_seconds']:.1f} s; timed calls: "
         f"{c['timed_calls']} x {c['steps_per_loop']} steps, median",
     ]
-    note = bench_util.load_note(m, " (rerun on an idle machine or raise --timed_calls)")
-    if note:
-        lines.append(note)
-    print("\n".join(lines), flush=True)
+    bench_util.print_report(lines, m, " (rerun on an idle machine or raise --timed_calls)")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    for name in ("batch_size", "steps_per_loop", "warmup_calls", "timed_calls"):
-        if FLAGS[name].value < 1:
-            raise app.UsageError(f"--{name} must be >= 1")
     size = _image_size(FLAGS.image_size)
     source = FLAGS.source or _default_source()
     data_config = data_lib.DataConfig(

@@ -34,19 +34,23 @@ import uuid
 
 import keras
 
+from s2s_tf import config_io
+from s2s_tf import constants
+from s2s_tf.config_io import setting
 from s2s_tf.export import serving_files
 from s2s_tf.export import signatures
 from s2s_tf.models import s2s_model
 from s2s_tf.models import torch_convert
 
 # Where the training binary leaves its final models (see `s2s_tf.train_lib`).
-DEFENDED_FILE = os.path.join("stage2", "defended.keras")
-AUTOENCODER_FILE = os.path.join("stage2", "autoencoder.keras")
-CLASSIFIER_FILE = os.path.join("stage0", "classifier.keras")
 CONFIG_FILE = "export_config.json"
 PAUSE_ENV = "S2S_EXPORT_PAUSE_BEFORE_RENAME"
 _PARTIAL = re.compile(r"^\.(tmp|old)-(\d+)-(\d+)-[0-9a-f]+$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_model_name(name):
+    if not constants.MODEL_NAME_PATTERN.match(name or ""):
+        raise ValueError("--model_name must be letters, digits, '_', '.' or '-'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +84,45 @@ class ExportConfig:
     defended_path: str | None = None
     autoencoder_path: str | None = None
     classifier_path: str | None = None
-    version: int | None = None
-    overwrite: bool = False
-    model_name: str = "s2s"
-    image_size: tuple[int, int] | None = None
-    top_k: int = 5
-    out_of_range: str = "clip"
-    max_image_bytes: int = 10 * 2**20
-    max_image_size: int = 4096
-    max_batch_size: int = 32
-    batch_timeout_micros: int = 1000
-    num_batch_threads: int = 4
-    warmup_batch_sizes: tuple[int, ...] = (1,)
-    serving_base_path: str | None = None
+    version: int | None = setting(
+        None, "Version number; default: the next free one.", lower_bound=1, kind="int"
+    )
+    overwrite: bool = setting(False, "Replace the version if it exists.")
+    model_name: str = setting(
+        "s2s", "Model name in models.config and warm-up requests.", check=_check_model_name
+    )
+    image_size: tuple[int, int] | None = setting(
+        None,
+        "'S' or 'H,W'; default: the classifier's input size.",
+        parse=config_io.parse_image_size,
+        unparse=config_io.unparse_image_size,
+    )
+    top_k: int = setting(5, "Classes reported by top_k_scores/top_k_classes.", lower_bound=1)
+    out_of_range: str = setting(
+        "clip",
+        "Float inputs outside [0, 1]: clip them, or reject the request (NaN/Inf always fail).",
+        choices=constants.OUT_OF_RANGE_MODES,
+    )
+    max_image_bytes: int = setting(
+        10 * 2**20, "Largest encoded image predict_image_bytes accepts.", lower_bound=1
+    )
+    max_image_size: int = setting(
+        4096, "Largest height or width (pixels) of an encoded image.", lower_bound=1
+    )
+    max_batch_size: int = setting(32, "batching_parameters: largest merged batch.", lower_bound=1)
+    batch_timeout_micros: int = setting(
+        1000, "batching_parameters: wait to fill a batch.", lower_bound=0
+    )
+    num_batch_threads: int = setting(4, "batching_parameters: batch threads.", lower_bound=1)
+    warmup_batch_sizes: tuple[int, ...] = setting(
+        (1,),
+        "Batch sizes of the warm-up requests.",
+        parse=lambda text: config_io.parse_int_list(text, "warmup_batch_sizes"),
+        unparse=lambda sizes: ",".join(str(s) for s in sizes),
+    )
+    serving_base_path: str | None = setting(
+        None, "--export_base as the server sees it; default /models/<name>."
+    )
 
     def validate(self):
         """Raises ValueError naming the first invalid field."""
@@ -103,7 +133,7 @@ class ExportConfig:
             raise ValueError("give defended_path, or both autoencoder_path and classifier_path")
         if self.version is not None and self.version < 1:
             raise ValueError(f"version must be >= 1, got {self.version}")
-        if not _MODEL_NAME.match(self.model_name):
+        if not constants.MODEL_NAME_PATTERN.match(self.model_name):
             raise ValueError(
                 f"model_name must be letters, digits, '_', '.', '-': {self.model_name!r}"
             )
@@ -144,8 +174,8 @@ def default_sources(workdir):
     Returns:
       A dict of `ExportConfig` source fields.
     """
-    defended = os.path.join(workdir, DEFENDED_FILE)
-    parts = [os.path.join(workdir, f) for f in (AUTOENCODER_FILE, CLASSIFIER_FILE)]
+    defended = constants.defended_path(workdir)
+    parts = [constants.autoencoder_path(workdir, "stage2"), constants.classifier_path(workdir)]
     if not os.path.exists(defended) and all(os.path.exists(p) for p in parts):
         return {"autoencoder_path": parts[0], "classifier_path": parts[1]}
     return {"defended_path": defended}

@@ -1,9 +1,9 @@
 r"""Binary: export the defended classifier as a TF Serving SavedModel version.
 
-  python -m s2s_tf.export.export_saved_model_main --workdir=/tmp/s2s
-  python -m s2s_tf.export.export_saved_model_main --defended_path=defended.keras \
+  s2s_export --workdir=/tmp/s2s
+  s2s_export --defended_path=defended.keras \
       --export_base=/srv/models/s2s --version=3 --overwrite
-  python -m s2s_tf.export.export_saved_model_main --autoencoder_path=ae.keras \
+  s2s_export --autoencoder_path=ae.keras \
       --classifier_path=classifier.keras --export_base=/srv/models/s2s
 
 Writes <export_base>/<version>/ (the next free version by default),
@@ -17,8 +17,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from s2s_tf import constants
 from s2s_tf.export import export_lib
-from s2s_tf.flags import common_flags
+from s2s_tf.flags import config_flags
 from s2s_tf.flags import export_flags
 
 FLAGS = flags.FLAGS
@@ -35,20 +36,8 @@ def config_from_flags():
     else:
         sources = export_lib.default_sources(FLAGS.workdir)
     return export_lib.ExportConfig(
-        export_base=FLAGS.export_base or os.path.join(FLAGS.workdir, "export"),
-        version=FLAGS.version,
-        overwrite=FLAGS.overwrite,
-        model_name=FLAGS.model_name,
-        image_size=common_flags.parse_image_size(FLAGS.image_size) if FLAGS.image_size else None,
-        top_k=FLAGS.top_k,
-        out_of_range=FLAGS.out_of_range,
-        max_image_bytes=FLAGS.max_image_bytes,
-        max_image_size=FLAGS.max_image_size,
-        max_batch_size=FLAGS.max_batch_size,
-        batch_timeout_micros=FLAGS.batch_timeout_micros,
-        num_batch_threads=FLAGS.num_batch_threads,
-        warmup_batch_sizes=export_flags.parse_batch_sizes(FLAGS.warmup_batch_sizes),
-        serving_base_path=FLAGS.serving_base_path,
+        export_base=FLAGS.export_base or constants.export_base(FLAGS.workdir),
+        **config_flags.values(export_lib.ExportConfig),
         **sources,
     )
 

@@ -36,6 +36,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from s2s_tf import constants
+
 DEFAULT_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "predict_image_bytes"
 PURIFY_SIGNATURE = "purify"
@@ -46,7 +48,6 @@ IMAGES_INPUT = "images"
 BYTES_INPUT = "image_bytes"
 PURIFIED_OUTPUT = "purified_images"
 CLASSIFICATION_OUTPUTS = ("logits", "probabilities", "classes", "top_k_scores", "top_k_classes")
-OUT_OF_RANGE_MODES = ("clip", "error")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_HEADER_BYTES = 24  # signature, IHDR length and tag, width and height
@@ -77,9 +78,10 @@ class SignatureOptions:
             raise ValueError(f"image_size must be two positive ints, got {self.image_size}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.out_of_range not in OUT_OF_RANGE_MODES:
+        if self.out_of_range not in constants.OUT_OF_RANGE_MODES:
             raise ValueError(
-                f"out_of_range must be one of {OUT_OF_RANGE_MODES}, got {self.out_of_range!r}"
+                f"out_of_range must be one of {constants.OUT_OF_RANGE_MODES}, "
+                f"got {self.out_of_range!r}"
             )
         if self.max_image_bytes < 1 or self.max_image_size < 1:
             raise ValueError("max_image_bytes and max_image_size must be >= 1")

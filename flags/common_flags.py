@@ -1,67 +1,23 @@
 """Flags shared by the s2s_tf binaries: data, models and the output directory.
 
-Each `define_*_flags()` defines a group of absl flags with safe defaults and
-validators, so a bad value fails at parse time, before any work starts.
-Binaries call the groups they need, then turn `FLAGS` into the library's
-config dataclasses; library code never reads flags.
-
-Registry names (datasets, classifiers) are passed in by the binary, so this
-package depends on absl alone.
+The data and model flags come from the settings the library's configs declare
+(`s2s_tf.config_io.setting`), through `config_flags`: each setting's name,
+default and help are written once, in its config. What is left here are the
+checks that span several flags. Validators run at parse time, so a bad value
+fails before any work starts; library code never reads flags.
 """
 
+from absl import app
 from absl import flags
+from absl import logging
 
-STAGE_SEPARATOR = ";"
-
-
-def parse_int_list(text, name):
-    """Parses "2,3" into (2, 3).
-
-    Args:
-      text: comma-separated positive integers.
-      name: the flag name, for the error message.
-
-    Returns:
-      A tuple of ints.
-
-    Raises:
-      ValueError: naming the flag when an item is not a positive integer.
-    """
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"--{name} must hold positive integers, got {text!r}")
-    return values
-
-
-def parse_stage_widths(text):
-    """Parses "64,64;128,128" into ((64, 64), (128, 128)) (stages split by ';')."""
-    return tuple(parse_int_list(stage, "ae_stage_widths") for stage in text.split(STAGE_SEPARATOR))
-
-
-def parse_image_size(text):
-    """Parses "32" or "32,48" into (height, width)."""
-    size = parse_int_list(text, "image_size")
-    if len(size) not in (1, 2):
-        raise ValueError(f"--image_size must be 'S' or 'H,W', got {text!r}")
-    return size * 2 if len(size) == 1 else size
-
-
-def register_parser_check(name, parser):
-    """Validates a string flag by running its parser at flag-parsing time."""
-
-    def check(value):
-        if value is None:
-            return True
-        try:
-            parser(value)
-        except ValueError as e:
-            raise flags.ValidationError(str(e)) from None
-        return True
-
-    flags.register_validator(name, check)
+from s2s_tf import config_io
+from s2s_tf import constants
+from s2s_tf import data as data_lib
+from s2s_tf.flags import config_flags
+from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.train import distribute
+from s2s_tf.train import stages
 
 
 def define_workdir_flag(required=True):
@@ -73,31 +29,48 @@ def define_workdir_flag(required=True):
         flags.mark_flag_as_required("workdir")
 
 
-def define_data_flags(dataset_names, default_dataset="fashion_mnist"):
-    """Defines the dataset flags.
+def define_strategy_flags(choices=constants.STRATEGIES):
+    """Defines --strategy and --num_cpu_devices (logical CPU replicas for tests)."""
+    flags.DEFINE_enum(
+        "strategy",
+        "mirrored",
+        choices,
+        "mirrored: all local GPUs (else CPU); multi_worker: from TF_CONFIG; one_device.",
+    )
+    flags.DEFINE_integer(
+        "num_cpu_devices",
+        0,
+        "Split the CPU into N logical devices (test replicas without GPUs); 0: off.",
+        lower_bound=0,
+    )
+
+
+def strategy_from_flags(flag_values=None):
+    """The `tf.distribute` strategy of --strategy, checked against --batch_size.
+
+    Devices and collectives are configured here, before TensorFlow runs its first op.
+
+    Raises:
+      app.UsageError: naming --batch_size when replicas cannot share it evenly.
+    """
+    values = flag_values or flags.FLAGS
+    distribute.split_cpu(values.num_cpu_devices)
+    strategy = distribute.create_strategy(values.strategy)
+    try:
+        distribute.check_global_batch(values.batch_size, strategy)
+    except ValueError as e:
+        raise app.UsageError(f"--batch_size={values.batch_size}: {e}") from None
+    logging.info("strategy %s with %d replicas", values.strategy, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def define_data_flags(defaults=None):
+    """Defines the data flags (`data.DataConfig`'s settings).
 
     Args:
-      dataset_names: the registry's source names; "tfds:<name>" is accepted too.
-      default_dataset: the default of --dataset.
+      defaults: a `DataConfig` whose values are the defaults (a binary's own).
     """
-    flags.DEFINE_string(
-        "dataset",
-        default_dataset,
-        f"Data source: one of {', '.join(sorted(dataset_names))}, or tfds:<name> for any "
-        "TensorFlow Datasets dataset.",
-    )
-    flags.register_validator(
-        "dataset",
-        lambda v: v in dataset_names or (v.startswith("tfds:") and len(v) > len("tfds:")),
-        message=f"--dataset must be one of {sorted(dataset_names)} or tfds:<name>",
-    )
-    flags.DEFINE_string("data_dir", None, "Fashion-MNIST idx directory, or the TFDS data_dir.")
-    flags.DEFINE_string("image_folder", None, "Root of a folder of class subfolders of images.")
-    flags.DEFINE_string("manual_dir", None, "TFDS manual download dir (e.g. imagenet2012).")
-    flags.DEFINE_string("image_size", "32", "Image size 'S' or 'H,W' the models work at.")
-    register_parser_check("image_size", parse_image_size)
-    flags.DEFINE_integer("batch_size", 64, "Global batch size (over all replicas).", lower_bound=1)
-    flags.DEFINE_integer("seed", 0, "Random seed for shuffling, augmentation and init.")
+    config_flags.define(data_lib.DataConfig, defaults=defaults)
     flags.register_validator(
         "image_folder",
         lambda v: v is not None or flags.FLAGS.dataset != "folder",
@@ -110,62 +83,21 @@ def data_config_kwargs(flag_values=None):
 
     Binaries add what is theirs (split, augmentation, example limit):
     `data.DataConfig(**data_config_kwargs(), split="test")`.
-
-    Args:
-      flag_values: parsed flags (default: the global `flags.FLAGS`).
-
-    Returns:
-      A dict of `DataConfig` keyword arguments.
     """
-    values = flag_values or flags.FLAGS
-    return {
-        "source": values.dataset,
-        "image_size": parse_image_size(values.image_size),
-        "global_batch_size": values.batch_size,
-        "seed": values.seed,
-        "data_dir": values.data_dir,
-        "folder": values.image_folder,
-        "manual_dir": values.manual_dir,
-    }
+    return config_flags.values(data_lib.DataConfig, flag_values=flag_values or flags.FLAGS)
 
 
-def define_model_flags(classifier_names, default_classifier="small_cnn"):
-    """Defines the classifier and autoencoder flags.
+def define_model_flags():
+    """Defines the classifier and autoencoder flags (`ModelConfig`, `AutoencoderConfig`)."""
+    config_flags.define(stages.ModelConfig)
+    define_autoencoder_flags(stages.ModelConfig().autoencoder)
 
-    Args:
-      classifier_names: the classifier registry's names.
-      default_classifier: the default of --classifier.
-    """
-    flags.DEFINE_enum(
-        "classifier", default_classifier, sorted(classifier_names), "Classifier architecture."
-    )
-    flags.DEFINE_integer("num_classes", 10, "Number of classes of the classifier.", lower_bound=1)
-    flags.DEFINE_string(
-        "classifier_weights",
-        None,
-        "None (random init), 'imagenet' (Keras weights; needs internet) or a local "
-        ".weights.h5/.keras file.",
-    )
-    flags.DEFINE_string(
-        "ae_stage_widths",
-        "64,64;128,128;256,256,256;512,512,512;512,512,512",
-        "Autoencoder encoder widths, stages split by ';' (the decoder mirrors them).",
-    )
-    register_parser_check("ae_stage_widths", parse_stage_widths)
-    flags.DEFINE_integer(
-        "ae_stages",
-        3,
-        "How many of --ae_stage_widths to use (5 = the paper's SegNet).",
-        lower_bound=1,
-    )
-    flags.DEFINE_enum(
-        "ae_pool_impl", "native", ["native", "stock"], "Pooling kernel ('stock' compiles with XLA)."
-    )
-    flags.DEFINE_string(
-        "ae_init",
-        None,
-        "Initialise the encoder from VGG16: 'imagenet' or a local VGG16 .weights.h5/.keras file.",
-    )
+
+def define_autoencoder_flags(defaults, names=None):
+    """Defines the autoencoder flags, with `defaults` (an `AutoencoderConfig`)."""
+    names = config_flags.define(ae_lib.AutoencoderConfig, names, defaults=defaults)
+    if "num_stages" not in names:
+        return
 
     @flags.multi_flags_validator(
         ["ae_stage_widths", "ae_stages"],
@@ -173,6 +105,18 @@ def define_model_flags(classifier_names, default_classifier="small_cnn"):
     )
     def _check_stages(values):
         try:
-            return values["ae_stages"] <= len(parse_stage_widths(values["ae_stage_widths"]))
+            widths = config_io.parse_stage_widths(values["ae_stage_widths"])
+            return values["ae_stages"] <= len(widths)
         except ValueError:
             return True  # reported by the --ae_stage_widths validator
+
+
+def model_config_kwargs(flag_values=None):
+    """`stages.ModelConfig` keyword arguments from the model flags (autoencoder included)."""
+    values = flag_values or flags.FLAGS
+    return {
+        **config_flags.values(stages.ModelConfig, flag_values=values),
+        "autoencoder": ae_lib.AutoencoderConfig(
+            **config_flags.values(ae_lib.AutoencoderConfig, flag_values=values)
+        ),
+    }

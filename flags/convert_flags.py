@@ -9,9 +9,8 @@ import os
 
 from absl import flags
 
-from s2s_tf.flags import common_flags
-
-POOL_IMPLS = ("native", "stock")
+from s2s_tf import config_io
+from s2s_tf.models import layers as s2s_layers
 
 
 def _checkpoint_validator(suffixes):
@@ -33,7 +32,7 @@ def _check_image_size(text):
     if text is None:
         return True
     try:
-        common_flags.parse_image_size(text)
+        config_io.parse_image_size(text)
     except ValueError as e:
         raise flags.ValidationError(str(e)) from None
     return True
@@ -84,7 +83,7 @@ def define_convert_flags(checkpoint_suffixes, flag_values=flags.FLAGS):
     flags.DEFINE_enum(
         "pool_impl",
         "native",
-        POOL_IMPLS,
+        s2s_layers.POOL_IMPLS,
         "Pooling kernel of the converted model ('stock' compiles with XLA).",
         flag_values=fv,
     )

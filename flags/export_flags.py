@@ -5,19 +5,11 @@ TF Serving versions go and how the signatures treat their inputs. Everything
 that can be checked without loading a model is checked here, at parse time.
 """
 
-import re
-
 from absl import flags
 
+from s2s_tf.export import export_lib
 from s2s_tf.flags import common_flags
-
-OUT_OF_RANGE_MODES = ("clip", "error")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def parse_batch_sizes(text):
-    """Parses "1,32" into (1, 32)."""
-    return common_flags.parse_int_list(text, "warmup_batch_sizes")
+from s2s_tf.flags import config_flags
 
 
 def define_export_flags():
@@ -39,39 +31,7 @@ def define_export_flags():
         "classifier_path", None, "A .keras [0, 1]-input classifier (with --autoencoder_path)."
     )
     flags.DEFINE_string("export_base", None, "TF Serving base path; default <workdir>/export.")
-    flags.DEFINE_integer("version", None, "Version number; default: the next free one.", 1)
-    flags.DEFINE_boolean("overwrite", False, "Replace the version if it exists.")
-    flags.DEFINE_string("model_name", "s2s", "Model name in models.config and warm-up requests.")
-    flags.register_validator(
-        "model_name",
-        lambda v: bool(_MODEL_NAME.match(v or "")),
-        message="--model_name must be letters, digits, '_', '.' or '-'",
-    )
-    flags.DEFINE_string(
-        "serving_base_path", None, "--export_base as the server sees it; default /models/<name>."
-    )
-    flags.DEFINE_string("image_size", None, "'S' or 'H,W'; default: the classifier's input size.")
-    common_flags.register_parser_check("image_size", common_flags.parse_image_size)
-    flags.DEFINE_integer("top_k", 5, "Classes reported by top_k_scores/top_k_classes.", 1)
-    flags.DEFINE_enum(
-        "out_of_range",
-        "clip",
-        OUT_OF_RANGE_MODES,
-        "Float inputs outside [0, 1]: clip them, or reject the request (NaN/Inf always fail).",
-    )
-    flags.DEFINE_integer(
-        "max_image_bytes", 10 * 2**20, "Largest encoded image predict_image_bytes accepts.", 1
-    )
-    flags.DEFINE_integer(
-        "max_image_size", 4096, "Largest height or width (pixels) of an encoded image.", 1
-    )
-    flags.DEFINE_integer("max_batch_size", 32, "batching_parameters: largest merged batch.", 1)
-    flags.DEFINE_integer(
-        "batch_timeout_micros", 1000, "batching_parameters: wait to fill a batch.", 0
-    )
-    flags.DEFINE_integer("num_batch_threads", 4, "batching_parameters: batch threads.", 1)
-    flags.DEFINE_string("warmup_batch_sizes", "1", "Batch sizes of the warm-up requests.")
-    common_flags.register_parser_check("warmup_batch_sizes", parse_batch_sizes)
+    config_flags.define(export_lib.ExportConfig)
     _register_source_validator()
 
 

@@ -1,7 +1,7 @@
 r"""Binary: convert the authors' PyTorch S2SNet checkpoint into a Keras autoencoder.
 
-  python -m s2s_tf.convert_main --checkpoint=s2snet_resnet50.pth --output=autoencoder.keras
-  python -m s2s_tf.convert_main --checkpoint=s2snet.npz --output=ae.keras --image_size=256
+  s2s_convert --checkpoint=s2snet_resnet50.pth --output=autoencoder.keras
+  s2s_convert --checkpoint=s2snet.npz --output=ae.keras --image_size=256
 
 Reads a `.pth`/`.pt` state dict (needs PyTorch; loaded with weights_only=True)
 or a `.npz`/`.safetensors` export of it, builds the autoencoder with the
@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from s2s_tf.flags import common_flags
+from s2s_tf import config_io
 from s2s_tf.flags import convert_flags
 from s2s_tf.models import torch_convert
 
@@ -26,7 +26,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     input_shape = None
     if FLAGS.image_size:
-        input_shape = common_flags.parse_image_size(FLAGS.image_size)
+        input_shape = config_io.parse_image_size(FLAGS.image_size)
     try:
         model = torch_convert.convert_file(
             FLAGS.checkpoint,

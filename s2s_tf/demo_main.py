@@ -1,7 +1,7 @@
 r"""Binary: build the S2SNet-defended model on a data source and run one batch.
 
 Usage:
-  python -m s2s_tf.demo_main --dataset=fashion_mnist --classifier=small_cnn \
+  s2s_demo --dataset=fashion_mnist --classifier=small_cnn \
       --workdir=/tmp/s2s_demo
 """
 
@@ -11,8 +11,6 @@ from absl import flags
 from s2s_tf import data as data_lib
 from s2s_tf import demo
 from s2s_tf.flags import common_flags
-from s2s_tf.models import autoencoder as ae_lib
-from s2s_tf.models import classifiers
 
 FLAGS = flags.FLAGS
 
@@ -20,8 +18,8 @@ FLAGS = flags.FLAGS
 def define_flags():
     """Defines this binary's flags."""
     common_flags.define_workdir_flag(required=False)
-    common_flags.define_data_flags(data_lib.SOURCES)
-    common_flags.define_model_flags(classifiers.CLASSIFIERS)
+    common_flags.define_data_flags()
+    common_flags.define_model_flags()
     flags.DEFINE_string("split", "test", "Split to take the batch from.")
 
 
@@ -30,19 +28,7 @@ def config_from_flags():
     data = data_lib.DataConfig(
         **common_flags.data_config_kwargs(), split=FLAGS.split, augment=False
     )
-    autoencoder = ae_lib.AutoencoderConfig(
-        stage_widths=common_flags.parse_stage_widths(FLAGS.ae_stage_widths),
-        num_stages=FLAGS.ae_stages,
-        pool_impl=FLAGS.ae_pool_impl,
-    )
-    return demo.DemoConfig(
-        data=data,
-        classifier=FLAGS.classifier,
-        num_classes=FLAGS.num_classes,
-        classifier_weights=FLAGS.classifier_weights,
-        autoencoder=autoencoder,
-        ae_init=FLAGS.ae_init,
-    )
+    return demo.DemoConfig(data=data, **common_flags.model_config_kwargs())
 
 
 def main(argv):

@@ -18,17 +18,26 @@ import time
 
 from absl import logging
 
+from s2s_tf import config_io
+from s2s_tf import constants
 from s2s_tf import data as data_lib
-from s2s_tf import eval_lib
-from s2s_tf import evaluation
-from s2s_tf import optim
-from s2s_tf import stages
-from s2s_tf import train_lib
-from s2s_tf import trainer
+from s2s_tf.config_io import setting
 from s2s_tf.export import export_lib
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import classifiers
+from s2s_tf.robustness import eval_lib
+from s2s_tf.robustness import evaluation
+from s2s_tf.train import optim
+from s2s_tf.train import stages
+from s2s_tf.train import train_lib
+from s2s_tf.train import trainer
 
 TRANSFER_DIR = "transfer_{}"
+
+
+def _check_classifier_or_empty(name):
+    if name and name not in classifiers.CLASSIFIERS:
+        raise ValueError(f"must be '' or one of {sorted(classifiers.CLASSIFIERS)}, got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +58,22 @@ class PipelineConfig:
     """
 
     data: data_lib.DataConfig = data_lib.DataConfig(image_size=(28, 28), global_batch_size=64)
-    eval_split: str = "test"
-    classifier: str = "small_cnn"
-    transfer_classifier: str = "lenet5"
+    eval_split: str = setting("test", "Split for evaluation and the report.")
+    classifier: str = setting(
+        "small_cnn", "Defended classifier.", choices=lambda: classifiers.CLASSIFIERS
+    )
+    transfer_classifier: str = setting(
+        "lenet5",
+        "Second classifier for the transfer matrix ('' for none).",
+        check=lambda v: _check_classifier_or_empty(v),
+    )
     autoencoder: ae_lib.AutoencoderConfig = ae_lib.AutoencoderConfig(
         stage_widths=((32, 32), (64, 64), (128, 128))
     )
-    classifier_steps: int = 400
-    stage1_steps: int = 500
-    stage2_steps: int = 300
-    learning_rate: float = 1e-3
+    classifier_steps: int = setting(400, "Steps of each classifier.", lower_bound=1)
+    stage1_steps: int = setting(500, "Steps of stage 1.", lower_bound=1)
+    stage2_steps: int = setting(300, "Steps of stage 2.", lower_bound=1)
+    learning_rate: float = setting(1e-3, "Adam learning rate.", check=config_io.check_positive)
     steps_per_loop: int = 20
     eval_examples: int = 1000
     attack: evaluation.EvalConfig = evaluation.EvalConfig(
@@ -113,24 +128,24 @@ def train_all(config, workdir, strategy):
         classifier=config.classifier, image_size=size, autoencoder=config.autoencoder
     )
     _train(config, workdir, strategy, "stage0", config.classifier_steps, base)
-    paths = {"classifier": os.path.join(workdir, "stage0", stages.CLASSIFIER_FILE)}
+    paths = {"classifier": constants.classifier_path(workdir)}
     if config.transfer_classifier:
         other_dir = os.path.join(workdir, TRANSFER_DIR.format(config.transfer_classifier))
         other = dataclasses.replace(base, classifier=config.transfer_classifier)
         _train(config, other_dir, strategy, "stage0", config.classifier_steps, other)
-        paths["transfer"] = os.path.join(other_dir, "stage0", stages.CLASSIFIER_FILE)
+        paths["transfer"] = constants.classifier_path(other_dir)
     with_classifier = dataclasses.replace(base, classifier_path=paths["classifier"])
     _train(config, workdir, strategy, "stage1", config.stage1_steps, with_classifier)
-    paths["stage1"] = os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE)
+    paths["stage1"] = constants.autoencoder_path(workdir)
     stage2 = dataclasses.replace(with_classifier, autoencoder_path=paths["stage1"])
     _train(config, workdir, strategy, "stage2", config.stage2_steps, stage2)
-    paths["defended"] = os.path.join(workdir, "stage2", stages.DEFENDED_FILE)
+    paths["defended"] = constants.defended_path(workdir)
     return paths
 
 
 def evaluate(config, workdir, paths):
     """The robustness report of the defended model; reused when it already exists."""
-    outdir = os.path.join(workdir, "eval_report")
+    outdir = constants.eval_report_dir(workdir)
     report_json = os.path.join(outdir, "robustness.json")
     if os.path.exists(report_json):
         logging.info("reusing the report in %s", outdir)

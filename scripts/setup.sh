@@ -32,7 +32,9 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install --upgrade pip
 echo "Installing s2s_tf[$EXTRA,test] from $(pwd) ..."
-# --force-reinstall of s2s_tf alone so a second run picks up changed sources.
+# --force-reinstall of s2s_tf alone so a second run picks up changed sources; setuptools
+# reuses ./build, which would carry modules that no longer exist into the wheel.
+rm -rf build
 "${PIP[@]}" install ".[$EXTRA,test]"
 "${PIP[@]}" install --no-deps --force-reinstall .
 "${PIP[@]}" install --no-deps cleverhans==4.0.0 tensorflow-serving-api==2.21.0

@@ -8,7 +8,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import attacks
+from s2s_tf.robustness import attacks
+from s2s_tf.robustness import runner
 
 SHAPE = (8, 8, 3)
 NUM_CLASSES = 3
@@ -72,7 +73,7 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
         n = n or _n(name)
         kwargs.setdefault("eps", EPS[attacks.ATTACKS[name].norm])
         params = {**FAST.get(name, {}), **kwargs}
-        return attacks.run_attack(name, self.model, self.x[:n], self.y[:n], **params)
+        return runner.run_attack(name, self.model, self.x[:n], self.y[:n], **params)
 
     def test_registry_entries(self):
         self.assertIn("testing", attacks.ATTACKS)
@@ -121,7 +122,7 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
         x = self.x[: _n(name)].copy()
         x[:, :2] = rng.integers(0, 2, x[:, :2].shape)
         y = self.y[: len(x)]
-        adv = attacks.run_attack(name, self.model, x, y, eps, **FAST.get(name, {}))
+        adv = runner.run_attack(name, self.model, x, y, eps, **FAST.get(name, {}))
         self.assertEqual(adv.dtype, np.float32)
         self.assertAllInRange(adv, 0.0, 1.0)
         delta = (adv - x).reshape(len(x), -1)
@@ -133,10 +134,10 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.parameters(sorted(set(attacks.ATTACKS) - {"testing"}))
     def test_lowers_accuracy_of_trained_model(self, name):
         n = _n(name)
-        clean = attacks.accuracy(self.model, self.x[:n], self.y[:n])
+        clean = runner.accuracy(self.model, self.x[:n], self.y[:n])
         self.assertGreaterEqual(clean, 0.75)
         adv = self._attack(name)
-        robust = attacks.accuracy(self.model, adv, self.y[:n])
+        robust = runner.accuracy(self.model, adv, self.y[:n])
         self.assertLessEqual(robust, clean - 0.5, f"{name}: {clean} -> {robust}")
 
     def test_random_noise_stays_in_ball_and_is_seeded(self):
@@ -147,7 +148,7 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_targeted_pgd_reaches_target(self):
         targets = (self.y + 1) % NUM_CLASSES
-        adv = attacks.run_attack(
+        adv = runner.run_attack(
             "pgd", self.model, self.x, self.y, 0.1, targeted=True, target_labels=targets
         )
         reached = np.mean(self.model.predict(adv, verbose=0).argmax(-1) == targets)
@@ -167,25 +168,25 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_compiled_attack_is_cached_without_retracing(self):
         model = _CountingModel(self.model)
-        attacks.run_attack("pgd", model, self.x, self.y, 0.03, seed=1)
+        runner.run_attack("pgd", model, self.x, self.y, 0.03, seed=1)
         traced = model.calls
         self.assertGreater(traced, 0)
         # Another eps, step size and seed: the same compiled function, no new trace.
-        attacks.run_attack("pgd", model, self.x, self.y, 0.05, step_size=0.01, seed=2)
+        runner.run_attack("pgd", model, self.x, self.y, 0.05, step_size=0.01, seed=2)
         self.assertEqual(model.calls, traced)
-        compiled = attacks.compiled_attack("pgd", model)
-        self.assertIs(compiled, attacks.compiled_attack("pgd", model))
+        compiled = runner.compiled_attack("pgd", model)
+        self.assertIs(compiled, runner.compiled_attack("pgd", model))
         self.assertEqual(compiled.experimental_get_tracing_count(), 1)
-        self.assertIsNot(compiled, attacks.compiled_attack("pgd", model, steps=3))
+        self.assertIsNot(compiled, runner.compiled_attack("pgd", model, steps=3))
         # Other batch sizes: one more trace (unknown batch size), then none.
-        attacks.run_attack("pgd", model, self.x[:5], self.y[:5], 0.05)
-        attacks.run_attack("pgd", model, self.x[:7], self.y[:7], 0.05)
-        attacks.run_attack("pgd", model, self.x, self.y, 0.05, batch_size=3)
+        runner.run_attack("pgd", model, self.x[:5], self.y[:5], 0.05)
+        runner.run_attack("pgd", model, self.x[:7], self.y[:7], 0.05)
+        runner.run_attack("pgd", model, self.x, self.y, 0.05, batch_size=3)
         self.assertLessEqual(compiled.experimental_get_tracing_count(), 2)
 
     def test_cache_does_not_keep_the_model_alive(self):
         model = _tiny_model("temporary")
-        attacks.run_attack("pgd", model, self.x[:2], self.y[:2], 0.05, steps=2)
+        runner.run_attack("pgd", model, self.x[:2], self.y[:2], 0.05, steps=2)
         ref = weakref.ref(model)
         del model
         gc.collect()
@@ -193,17 +194,17 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_argument_errors(self):
         with self.assertRaisesRegex(ValueError, "target label"):
-            attacks.run_attack("pgd", self.model, self.x, self.y, 0.1, targeted=True)
+            runner.run_attack("pgd", self.model, self.x, self.y, 0.1, targeted=True)
         with self.assertRaisesRegex(ValueError, "eps"):
-            attacks.run_attack("pgd", self.model, self.x, self.y, -0.1)
+            runner.run_attack("pgd", self.model, self.x, self.y, -0.1)
         with self.assertRaisesRegex(ValueError, "eps=None"):
-            attacks.run_attack("pgd", self.model, self.x, self.y, None)
+            runner.run_attack("pgd", self.model, self.x, self.y, None)
         with self.assertRaisesRegex(ValueError, r"\[clip_min, clip_max\]"):
-            attacks.run_attack("fgsm", self.model, self.x * 2.0 + 0.5, self.y, 0.1)
+            runner.run_attack("fgsm", self.model, self.x * 2.0 + 0.5, self.y, 0.1)
         with self.assertRaisesRegex(ValueError, "labels"):
-            attacks.accuracy(self.model, self.x, self.y[:3])
+            runner.accuracy(self.model, self.x, self.y[:3])
         with self.assertRaisesRegex(ValueError, "no parameters"):
-            attacks.run_attack("pgd", self.model, self.x, self.y, 0.1, decay_factor=0.5)
+            runner.run_attack("pgd", self.model, self.x, self.y, 0.1, decay_factor=0.5)
 
     def test_cw_without_budget_returns_its_result(self):
         adv = self._attack("cw_l2", eps=None)
@@ -218,7 +219,7 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
     def test_accuracy_matches_argmax(self):
         logits = self.model.predict(self.x, verbose=0)
         expected = np.mean(logits.argmax(-1) == self.y)
-        self.assertAllClose(attacks.accuracy(self.model, self.x, self.y, batch_size=5), expected)
+        self.assertAllClose(runner.accuracy(self.model, self.x, self.y, batch_size=5), expected)
 
 
 class BpdaTest(tf.test.TestCase):
@@ -240,11 +241,11 @@ class BpdaTest(tf.test.TestCase):
         return tape.gradient(loss, x)
 
     def test_forward_is_the_composition(self):
-        model_fn = attacks.bpda_model_fn(self.purifier, self.classifier)
+        model_fn = runner.bpda_model_fn(self.purifier, self.classifier)
         self.assertAllEqual(model_fn(self.x), self.classifier(self.purifier(self.x)))
 
     def test_gradient_is_classifier_gradient_at_purified_input(self):
-        model_fn = attacks.bpda_model_fn(self.purifier, self.classifier)
+        model_fn = runner.bpda_model_fn(self.purifier, self.classifier)
         purified = self.purifier(self.x)
         expected = self._grad(self.classifier, purified)
         self.assertAllClose(self._grad(model_fn, self.x), expected, atol=1e-6)
@@ -252,9 +253,9 @@ class BpdaTest(tf.test.TestCase):
         self.assertGreater(float(tf.reduce_max(tf.abs(full - expected))), 1e-4)
 
     def test_runs_under_run_attack(self):
-        model_fn = attacks.bpda_model_fn(self.purifier, self.classifier)
+        model_fn = runner.bpda_model_fn(self.purifier, self.classifier)
         x = self.x.numpy()
-        adv = attacks.run_attack("pgd", model_fn, x, self.y.numpy(), 0.05)
+        adv = runner.run_attack("pgd", model_fn, x, self.y.numpy(), 0.05)
         self.assertLessEqual(np.abs(adv - x).max(), 0.05 + 1e-6)
         self.assertGreater(np.abs(adv - x).max(), 0.0)
 

@@ -1,28 +1,55 @@
 """Checks that the root BUILD file describes every module, test and binary.
 
 BUILD files are Starlark, whose syntax is a subset of Python's, so the rule
-calls are read with `ast` without running Bazel. Import paths follow setup.py's
-`package_dir` mapping: `flags/` and `export/` are installed as `s2s_tf.flags`
-and `s2s_tf.export`.
+calls are read with `ast` without running Bazel. Library sources are listed
+under their import path: `s2s_tf/flags` and `s2s_tf/export` are links to the
+top-level `flags/` and `export/`. The file is written by scripts/gen_build.py,
+and the last test checks that it is up to date.
 """
 
 import ast
 import dataclasses
 import glob
 import os
+import subprocess
 import sys
 import unittest
 
 _REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 _BUILD_PATH = os.path.join(_REPO_ROOT, "BUILD")
 
-# Source directory -> import path of the package it holds (setup.py's package_dir).
-_PACKAGE_DIRS = {
-    "s2s_tf": "s2s_tf",
-    "flags": "s2s_tf.flags",
-    "export": "s2s_tf.export",
-}
+# Source directory -> import path of the package it holds.
+_PACKAGE_DIRS = {"s2s_tf": "s2s_tf"}
 _FIRST_PARTY = "s2s_tf"
+# Modules whose test has another name: the test named here imports or runs them.
+_COVERED_BY = {
+    "s2s_tf/data/input_pipeline.py": "tests/data_test.py",
+    "s2s_tf/data/sources.py": "tests/data_test.py",
+    "s2s_tf/demo.py": "tests/demo_main_test.py",
+    "s2s_tf/evaluate_main.py": "tests/eval_lib_test.py",
+    "s2s_tf/export/export_saved_model_main.py": "tests/export_main_test.py",
+    "s2s_tf/export/serving_files.py": "tests/export_serving_files_test.py",
+    "s2s_tf/export/signatures.py": "tests/export_signatures_test.py",
+    "s2s_tf/flags/common_flags.py": "tests/train_main_test.py",
+    "s2s_tf/flags/convert_flags.py": "tests/convert_main_test.py",
+    "s2s_tf/flags/eval_flags.py": "tests/eval_lib_test.py",
+    "s2s_tf/flags/export_flags.py": "tests/export_main_test.py",
+    "s2s_tf/flags/pipeline_flags.py": "tests/pipeline_test.py",
+    "s2s_tf/flags/train_flags.py": "tests/train_main_test.py",
+    "s2s_tf/models/checkpoint_files.py": "tests/torch_convert_test.py",
+    "s2s_tf/pipeline_main.py": "tests/pipeline_test.py",
+    "s2s_tf/robustness/attacks/base.py": "tests/attacks_test.py",
+    "s2s_tf/robustness/attacks/cw_l2.py": "tests/cleverhans_shim_test.py",
+    "s2s_tf/robustness/attacks/fgsm.py": "tests/attacks_test.py",
+    "s2s_tf/robustness/attacks/mim.py": "tests/attacks_test.py",
+    "s2s_tf/robustness/attacks/noise.py": "tests/attacks_test.py",
+    "s2s_tf/robustness/attacks/pgd.py": "tests/attacks_test.py",
+    "s2s_tf/robustness/attacks/registry.py": "tests/attacks_test.py",
+    "s2s_tf/robustness/attacks/spsa.py": "tests/cleverhans_shim_test.py",
+    "s2s_tf/robustness/report.py": "tests/eval_lib_test.py",
+    "s2s_tf/robustness/runner.py": "tests/attacks_test.py",
+    "s2s_tf/train/train_lib.py": "tests/stages_test.py",
+}
 _RULES_BZL = "@rules_python//python:defs.bzl"
 _PY_RULES = ("py_library", "py_binary", "py_test")
 # Third-party packages come from the Python environment, never from deps. Both
@@ -120,7 +147,7 @@ def library_sources(root):
     """Relative paths of all .py files under the package directories."""
     paths = []
     for top in _PACKAGE_DIRS:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, top), followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
             rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
             paths.extend(f"{rel_dir}/{f}" for f in sorted(filenames) if f.endswith(".py"))
@@ -304,6 +331,27 @@ class BuildTargetsTest(unittest.TestCase):
                     unknown.append(f"{src}: {module}")
         required.discard(rule.name)
         return required, required | covering, unknown
+
+    def test_every_module_has_a_test(self):
+        for path in self.sources:
+            if path.endswith("__init__.py"):
+                continue
+            name = os.path.basename(path)[: -len(".py")]
+            own = f"tests/{name}_test.py"
+            with self.subTest(module=path):
+                if own in self.tests:
+                    self.assertNotIn(path, _COVERED_BY, f"{path} has its own test, {own}")
+                    continue
+                covering = _COVERED_BY.get(path)
+                self.assertIsNotNone(covering, f"no {own} and no covering test named for {path}")
+                self.assertIn(covering, self.tests)
+
+    def test_build_file_is_generated_from_the_sources(self):
+        script = os.path.join(_REPO_ROOT, "scripts", "gen_build.py")
+        result = subprocess.run(
+            [sys.executable, script, "--check"], capture_output=True, text=True, check=False
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
 
 
 if __name__ == "__main__":

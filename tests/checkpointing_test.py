@@ -6,8 +6,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from s2s_tf import checkpointing
 from s2s_tf.models import s2s_model
+from s2s_tf.train import checkpointing
 
 
 class CheckpointingTest(tf.test.TestCase):

@@ -6,9 +6,9 @@ import tensorflow as tf
 from absl.testing import parameterized
 from cleverhans.tf2.attacks import spsa as spsa_lib
 
-from s2s_tf import cleverhans_shim
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import s2s_model
+from s2s_tf.robustness import cleverhans_shim
 
 SHAPE = (8, 8, 3)
 NUM_CLASSES = 3

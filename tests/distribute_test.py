@@ -7,7 +7,7 @@ from unittest import mock
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import distribute
+from s2s_tf.train import distribute
 
 
 class _FakeStrategy:

@@ -35,16 +35,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from s2s_tf import checkpointing
 from s2s_tf import data as data_lib
-from s2s_tf import distribute
-from s2s_tf import optim
-from s2s_tf import stages
-from s2s_tf import train_lib
-from s2s_tf import trainer
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import s2s_model
+from s2s_tf.train import checkpointing
+from s2s_tf.train import distribute
+from s2s_tf.train import optim
+from s2s_tf.train import stages
+from s2s_tf.train import train_lib
+from s2s_tf.train import trainer
 
 IMAGE_SIZE = (16, 16)
 GLOBAL_BATCH = 8

@@ -10,14 +10,14 @@ import keras
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import attacks
-from s2s_tf import checkpointing
 from s2s_tf import data as data_lib
-from s2s_tf import eval_lib
-from s2s_tf import evaluation
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import s2s_model
+from s2s_tf.robustness import eval_lib
+from s2s_tf.robustness import evaluation
+from s2s_tf.robustness import runner
+from s2s_tf.train import checkpointing
 
 SIZE = (16, 16)
 
@@ -73,7 +73,7 @@ class EvaluateTest(tf.test.TestCase):
             data_lib.DataConfig(source="testing", split="test", image_size=SIZE, num_examples=12)
         )
         defended = s2s_model.load_keras(paths["defended"], "defended")
-        expected = attacks.accuracy(defended, images, labels)
+        expected = runner.accuracy(defended, images, labels)
         self.assertAlmostEqual(saved["results"]["clean"]["defended"], expected)
         with open(os.path.join(outdir, "report.md")) as f:
             markdown = f.read()

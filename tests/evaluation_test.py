@@ -5,9 +5,9 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import evaluation
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import s2s_model
+from s2s_tf.robustness import evaluation
 
 
 def _results(white_pgd=0.3, white_fgsm=0.5, gray_pgd=0.6, bpda_pgd=0.35, spsa=0.5, large=0.0):

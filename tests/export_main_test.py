@@ -16,6 +16,7 @@ import time
 import tensorflow as tf
 from absl.testing import parameterized
 
+from s2s_tf import constants
 from s2s_tf.export import export_lib
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
@@ -81,7 +82,7 @@ class ExportMainTest(tf.test.TestCase, parameterized.TestCase):
         )
         classifier = classifiers.build_classifier_with_preprocessing("testing", SIZE, 10)
         defended = s2s_model.build_s2s_model(autoencoder, classifier)
-        defended.save(os.path.join(cls.workdir, export_lib.DEFENDED_FILE))
+        defended.save(constants.defended_path(cls.workdir))
 
     @classmethod
     def tearDownClass(cls):

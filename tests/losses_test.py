@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from s2s_tf import losses
+from s2s_tf.train import losses
 
 
 class LossesTest(tf.test.TestCase):

@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import optim
+from s2s_tf.train import optim
 
 
 class ScheduleTest(tf.test.TestCase, parameterized.TestCase):

@@ -9,9 +9,9 @@ import numpy as np
 import tensorflow as tf
 
 from s2s_tf import data as data_lib
-from s2s_tf import evaluation
 from s2s_tf import pipeline
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.robustness import evaluation
 
 TINY = pipeline.PipelineConfig(
     data=data_lib.DataConfig(source="testing", image_size=(16, 16), global_batch_size=8),

@@ -19,11 +19,12 @@ SCRIPT = textwrap.dedent(
     """
     import dataclasses, json, sys
     from absl import flags
-    from s2s_tf import data as data_lib, stages, train_main
+    from s2s_tf import train_main
     from s2s_tf.flags import train_flags
-    from s2s_tf.models import autoencoder as ae_lib, classifiers
+    from s2s_tf.models import autoencoder as ae_lib
+    from s2s_tf.train import stages
 
-    train_flags.define_train_flags(data_lib.SOURCES, classifiers.CLASSIFIERS)
+    train_flags.define_train_flags()
     out = {}
     for preset in sys.argv[2:]:
         flags.FLAGS.unparse_flags()

@@ -9,14 +9,15 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import checkpointing
+from s2s_tf import constants
 from s2s_tf import data as data_lib
-from s2s_tf import optim
-from s2s_tf import stages
-from s2s_tf import train_lib
-from s2s_tf import trainer
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
+from s2s_tf.train import checkpointing
+from s2s_tf.train import optim
+from s2s_tf.train import stages
+from s2s_tf.train import train_lib
+from s2s_tf.train import trainer
 
 TINY_AE = ae_lib.AutoencoderConfig(stage_widths=((4,), (8,)))
 SYNTHETIC = data_lib.DataConfig(source="testing", image_size=(16, 16), global_batch_size=8)
@@ -80,7 +81,7 @@ class DecoderStageTest(tf.test.TestCase, parameterized.TestCase):
         changed = [not np.array_equal(b, a) for b, a in zip(before[2], after[2], strict=True)]
         self.assertTrue(all(changed[:2]), "decoder conv weights did not change")
         final = os.path.join(workdir, "stage2")
-        self.assertTrue(os.path.exists(os.path.join(final, stages.DEFENDED_FILE)))
+        self.assertTrue(os.path.exists(os.path.join(final, constants.DEFENDED_FILE)))
 
     def test_starts_from_the_authors_checkpoint(self):
         """--init_from: the PyTorch SegNet fixture (.npz) is converted on load."""
@@ -150,7 +151,7 @@ class ReconstructionStageTest(tf.test.TestCase):
             set(result["eval"]), {"loss", "psnr", "accuracy_classifier", "accuracy_defended"}
         )
         self.assertBetween(result["eval"]["accuracy_defended"], 0.0, 1.0)
-        self.assertTrue(os.path.exists(os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE)))
+        self.assertTrue(os.path.exists(os.path.join(workdir, "stage1", constants.AUTOENCODER_FILE)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import checkpoint_files
 from s2s_tf.models import classifiers
 from s2s_tf.models import preprocessing
 from s2s_tf.models import s2s_model
@@ -252,7 +253,7 @@ class FileFormatTest(FixtureCase):
         raw = raw_fixture()
         path = self.path("state.safetensors")
         write_safetensors(path, raw)
-        loaded = torch_convert.read_safetensors(path)
+        loaded = checkpoint_files.read_safetensors(path)
         self.assertEqual(list(loaded), list(raw))
         for key, value in raw.items():
             self.assertAllEqual(loaded[key], value)
@@ -261,7 +262,7 @@ class FileFormatTest(FixtureCase):
         half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in raw.items()}
         write_safetensors(path, half, bf16=("encoder.conv11.weight",))
         self.assertEqual(
-            torch_convert.read_safetensors(path)["encoder.conv11.weight"].dtype, np.float32
+            checkpoint_files.read_safetensors(path)["encoder.conv11.weight"].dtype, np.float32
         )
         torch_convert.load_autoencoder(path)
 

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from s2s_tf import stages
+from s2s_tf import constants
 from s2s_tf.models import s2s_model
 
 TINY_ARGS = (
@@ -204,7 +204,9 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
         self.assertBetween(killed_at, 10, LONG_RUN_STEPS - 1)
         killed_checkpoint = tf.train.latest_checkpoint(_checkpoint_dir(workdir))
         self.assertEqual(_iterations(killed_checkpoint), killed_at)
-        self.assertFalse(os.path.exists(os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE)))
+        self.assertFalse(
+            os.path.exists(os.path.join(workdir, "stage1", constants.AUTOENCODER_FILE))
+        )
 
         rerun = self._run(argv)  # the same command
 
@@ -218,7 +220,7 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
         result = _read_json(workdir, "stage1", "result.json")
         self.assertEqual(result["step"], LONG_RUN_STEPS)
         self.assertFalse(result["preempted"])
-        self.assertTrue(os.path.exists(os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE)))
+        self.assertTrue(os.path.exists(os.path.join(workdir, "stage1", constants.AUTOENCODER_FILE)))
         self._assert_checkpoints_consistent(workdir, LONG_RUN_STEPS)
 
     def test_sigterm_saves_checkpoint_and_exits_143(self):
@@ -238,7 +240,9 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
             _iterations(os.path.join(_checkpoint_dir(workdir), f"ckpt-{stopped_at}")), stopped_at
         )
         self.assertTrue(_read_json(workdir, "stage1", "result.json")["preempted"])
-        self.assertFalse(os.path.exists(os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE)))
+        self.assertFalse(
+            os.path.exists(os.path.join(workdir, "stage1", constants.AUTOENCODER_FILE))
+        )
 
         rerun = self._run(argv)
 
@@ -280,7 +284,7 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIn("resumed from checkpoint at step 10/10", rerun.stderr)
         self.assertEmpty(_progress_steps(rerun.stderr, "stage1", 10))
         self.assertEqual(_read_json(workdir, "stage1", "result.json")["step"], 10)
-        self.assertTrue(os.path.exists(os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE)))
+        self.assertTrue(os.path.exists(os.path.join(workdir, "stage1", constants.AUTOENCODER_FILE)))
         # No new checkpoint and no new training summaries.
         self.assertEqual(tf.train.get_checkpoint_state(_checkpoint_dir(workdir)), state_before)
         self.assertEqual(_events(train_dir)["loss"][1], loss_steps_before)
@@ -301,9 +305,9 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
             self.assertEqual(result.returncode, 0, f"{stage}:\n{result.stderr}")
 
         for stage, models in (
-            ("stage0", [stages.CLASSIFIER_FILE]),
-            ("stage1", [stages.AUTOENCODER_FILE]),
-            ("stage2", [stages.AUTOENCODER_FILE, stages.DEFENDED_FILE]),
+            ("stage0", [constants.CLASSIFIER_FILE]),
+            ("stage1", [constants.AUTOENCODER_FILE]),
+            ("stage2", [constants.AUTOENCODER_FILE, constants.DEFENDED_FILE]),
         ):
             stage_dir = os.path.join(workdir, stage)
             for name in models:
@@ -318,14 +322,14 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
                 result["final_models"], [os.path.join(stage_dir, m) for m in models]
             )
         # Later stages default to the earlier stages' models in the workdir.
-        classifier = os.path.join(workdir, "stage0", stages.CLASSIFIER_FILE)
+        classifier = os.path.join(workdir, "stage0", constants.CLASSIFIER_FILE)
         stage1_config = _read_json(workdir, "stage1", "config.json")
         stage2_config = _read_json(workdir, "stage2", "config.json")
         self.assertEqual(stage1_config["model"]["classifier_path"], classifier)
         self.assertEqual(stage2_config["model"]["classifier_path"], classifier)
         self.assertEqual(
             stage2_config["model"]["autoencoder_path"],
-            os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE),
+            os.path.join(workdir, "stage1", constants.AUTOENCODER_FILE),
         )
 
         train_scalars = {
@@ -355,7 +359,7 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
                 self.assertEqual(evaluation.get(tag), ("scalars", [4]), f"{stage} eval {tag}")
 
         defended = s2s_model.load_keras(
-            os.path.join(workdir, "stage2", stages.DEFENDED_FILE), "defended model"
+            os.path.join(workdir, "stage2", constants.DEFENDED_FILE), "defended model"
         )
         logits = defended(np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32))
         self.assertEqual(tuple(logits.shape), (2, 10))
@@ -413,7 +417,7 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
         workdir = os.path.join(root, "workdir")
         if setup == "stage1_model":  # the flag validators only check that the file exists
             os.makedirs(os.path.join(workdir, "stage1"))
-            open(os.path.join(workdir, "stage1", stages.AUTOENCODER_FILE), "wb").close()
+            open(os.path.join(workdir, "stage1", constants.AUTOENCODER_FILE), "wb").close()
         if setup == "train_split_only":  # a valid Fashion-MNIST training split, no test split
             data_dir = os.path.join(root, "fashion_mnist")
             os.makedirs(data_dir)

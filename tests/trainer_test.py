@@ -8,10 +8,10 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 from s2s_tf import data as data_lib
-from s2s_tf import optim
-from s2s_tf import stages
-from s2s_tf import trainer
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.train import optim
+from s2s_tf.train import stages
+from s2s_tf.train import trainer
 
 DATA = data_lib.DataConfig(source="testing", image_size=(16, 16), global_batch_size=8)
 

@@ -19,6 +19,8 @@ import dataclasses
 
 import keras
 
+from s2s_tf import config_io
+from s2s_tf.config_io import setting
 from s2s_tf.models import layers as s2s_layers
 
 VGG16_STAGE_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -44,13 +46,30 @@ class AutoencoderConfig:
       pad_mode: padding used to reach a multiple of 2**num_stages.
     """
 
-    stage_widths: tuple = VGG16_STAGE_WIDTHS
-    num_stages: int | None = None
+    stage_widths: tuple = setting(
+        VGG16_STAGE_WIDTHS,
+        "Autoencoder encoder widths, stages split by ';' (the decoder mirrors them).",
+        flag="ae_stage_widths",
+        parse=config_io.parse_stage_widths,
+        unparse=config_io.unparse_stage_widths,
+    )
+    num_stages: int | None = setting(
+        None,
+        "How many of --ae_stage_widths to use (5 = the paper's SegNet).",
+        flag="ae_stages",
+        lower_bound=1,
+        kind="int",
+    )
     channels: int = 3
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     sync_batchnorm: bool = False
-    pool_impl: str = "native"
+    pool_impl: str = setting(
+        "native",
+        "Pooling kernel ('stock' compiles with XLA).",
+        flag="ae_pool_impl",
+        choices=s2s_layers.POOL_IMPLS,
+    )
     pad_mode: str = "reflect"
 
     @property

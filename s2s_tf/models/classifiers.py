@@ -209,53 +209,44 @@ def _build_testing(input_shape, num_classes, weights, name):
     return keras.Model(inputs, outputs, name=name)
 
 
+def _keras_app(name, app_name, size, preprocessing, min_size, description, **kwargs):
+    """The spec of a Keras Applications model (ImageNet weights available)."""
+    return ClassifierSpec(
+        name=name,
+        builder=functools.partial(_build_keras_app, app_name),
+        input_size=(size, size),
+        preprocessing=preprocessing,
+        min_size=min_size,
+        imagenet_weights=True,
+        description=description,
+        **kwargs,
+    )
+
+
+# A registry is a table: its entries share a shape by design.
 _SPECS = (
-    ClassifierSpec(
-        name="resnet50",
-        builder=functools.partial(_build_keras_app, "ResNet50"),
-        input_size=(224, 224),
-        preprocessing="caffe",
-        min_size=32,
-        imagenet_weights=True,
-        description="Keras ResNet50 (Caffe preprocessing).",
+    _keras_app("resnet50", "ResNet50", 224, "caffe", 32, "Keras ResNet50 (Caffe preprocessing)."),
+    _keras_app(
+        "inception_v3", "InceptionV3", 299, "tf", 75, "Keras InceptionV3 (inputs in [-1, 1])."
     ),
-    ClassifierSpec(
-        name="inception_v3",
-        builder=functools.partial(_build_keras_app, "InceptionV3"),
-        input_size=(299, 299),
-        preprocessing="tf",
-        min_size=75,
-        imagenet_weights=True,
-        description="Keras InceptionV3 (inputs in [-1, 1]).",
-    ),
-    ClassifierSpec(
-        name="vgg16",
-        builder=functools.partial(_build_keras_app, "VGG16"),
-        input_size=(224, 224),
-        preprocessing="caffe",
-        min_size=32,
-        imagenet_weights=True,
-        description="Keras VGG16 (Caffe preprocessing).",
-    ),
-    ClassifierSpec(
-        name="mobilenet_v2",
-        builder=functools.partial(_build_keras_app, "MobileNetV2"),
-        input_size=(224, 224),
-        preprocessing="tf",
-        min_size=32,
-        imagenet_weights=True,
-        description="Keras MobileNetV2, alpha 1.0 (inputs in [-1, 1]).",
+    _keras_app("vgg16", "VGG16", 224, "caffe", 32, "Keras VGG16 (Caffe preprocessing)."),
+    _keras_app(
+        "mobilenet_v2",
+        "MobileNetV2",
+        224,
+        "tf",
+        32,
+        "Keras MobileNetV2, alpha 1.0 (inputs in [-1, 1]).",
         # Keras ships top weights for these square sizes.
         imagenet_sizes=(96, 128, 160, 192, 224),
     ),
-    ClassifierSpec(
-        name="efficientnet_b0",
-        builder=functools.partial(_build_keras_app, "EfficientNetB0"),
-        input_size=(224, 224),
-        preprocessing="raw255",
-        min_size=32,
-        imagenet_weights=True,
-        description="Keras EfficientNetB0 (normalises [0, 255] inputs itself).",
+    _keras_app(
+        "efficientnet_b0",
+        "EfficientNetB0",
+        224,
+        "raw255",
+        32,
+        "Keras EfficientNetB0 (normalises [0, 255] inputs itself).",
     ),
     ClassifierSpec(
         name="alexnet",

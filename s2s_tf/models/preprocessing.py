@@ -114,11 +114,21 @@ class Preprocess(keras.layers.Layer):
 
 
 class _ChannelStats(keras.layers.Layer):
-    """Base for layers with fixed per-channel mean and std constants."""
+    """Base for layers with fixed per-channel mean and std constants.
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], **kwargs):
+    Subclasses define `_transform(x, mean, std)`; `call` casts the input and
+    supplies the constants in its dtype.
+    """
+
+    def __init__(
+        self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, **kwargs
+    ):
         super().__init__(**kwargs)
         self.mean, self.std = _check_stats(mean, std)
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        return self._transform(x, *self._constants(x.dtype))
 
     def build(self, input_shape):
         _check_channels(input_shape, len(self.mean), type(self).__name__)
@@ -151,12 +161,8 @@ class Normalize(_ChannelStats):
       ValueError: if mean and std differ in length or a std is not positive.
     """
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
-        super().__init__(mean, std, **kwargs)
-
-    def call(self, inputs):
-        x = ops.cast(inputs, self.compute_dtype)
-        mean, std = self._constants(x.dtype)
+    @staticmethod
+    def _transform(x, mean, std):
         return (x - mean) / std
 
 
@@ -176,10 +182,6 @@ class Denormalize(_ChannelStats):
       ValueError: if mean and std differ in length or a std is not positive.
     """
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
-        super().__init__(mean, std, **kwargs)
-
-    def call(self, inputs):
-        x = ops.cast(inputs, self.compute_dtype)
-        mean, std = self._constants(x.dtype)
+    @staticmethod
+    def _transform(x, mean, std):
         return x * std + mean

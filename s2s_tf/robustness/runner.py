@@ -2,16 +2,14 @@
 
 Every model here is a `model_fn` mapping float32 images in [0, 1] to logits, and
 every budget `eps` is in pixel units of that space (e.g. 8/255 for L-inf). The
-attack functions and their registry live in `s2s_tf.attack_library`; this
-module re-exports them (`ATTACKS`, `AttackSpec`, `get_spec`, `LINF`, `L2` and
-the attack functions), so `s2s_tf.attacks` is the one module callers import.
+attacks and their registry live in `s2s_tf.robustness.attacks`.
 
 `run_attack` is the entry point for evaluation: it batches, compiles the
 per-batch attack once per (model object, attack, static parameters) and caches
 it, so calls with the same model (and any `eps`, `step_size` or seed) do not
 retrace. Pass the same model object each time; a fresh lambda per call cannot
 be cached. It also runs restarts and enforces the budget on the result (for
-`cw_l2`'s budget see `s2s_tf.attack_library`).
+`cw_l2`'s budget see `s2s_tf.robustness.attacks.cw_l2`).
 
 `accuracy` evaluates a model with the same cached compilation, and
 `bpda_model_fn` wraps a purifier and a classifier for BPDA attacks.
@@ -22,41 +20,8 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from s2s_tf.attack_library import ATTACKS
-from s2s_tf.attack_library import L2
-from s2s_tf.attack_library import LINF
-from s2s_tf.attack_library import AttackSpec
-from s2s_tf.attack_library import bim
-from s2s_tf.attack_library import cw_l2
-from s2s_tf.attack_library import enforce_budget
-from s2s_tf.attack_library import fgsm
-from s2s_tf.attack_library import get_spec
-from s2s_tf.attack_library import mim
-from s2s_tf.attack_library import pgd
-from s2s_tf.attack_library import pgd_l2
-from s2s_tf.attack_library import spsa
-from s2s_tf.attack_library import testing
-
-__all__ = [
-    "ATTACKS",
-    "DEFAULT_BATCH_SIZE",
-    "L2",
-    "LINF",
-    "AttackSpec",
-    "accuracy",
-    "bim",
-    "bpda_model_fn",
-    "compiled_attack",
-    "cw_l2",
-    "fgsm",
-    "get_spec",
-    "mim",
-    "pgd",
-    "pgd_l2",
-    "run_attack",
-    "spsa",
-    "testing",
-]
+from s2s_tf.robustness.attacks import enforce_budget
+from s2s_tf.robustness.attacks import get_spec
 
 DEFAULT_BATCH_SIZE = 128
 

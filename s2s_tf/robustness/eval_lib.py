@@ -18,10 +18,11 @@ from absl import logging
 
 from s2s_tf import config_io
 from s2s_tf import data as data_lib
-from s2s_tf import evaluation
-from s2s_tf import gradient_analysis
-from s2s_tf import report
+from s2s_tf.config_io import setting
 from s2s_tf.models import s2s_model
+from s2s_tf.robustness import evaluation
+from s2s_tf.robustness import gradient_analysis
+from s2s_tf.robustness import report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +47,14 @@ class EvalRunConfig:
     defended_path: str | None = None
     autoencoder_path: str | None = None
     classifier_path: str | None = None
-    transfer_classifiers: tuple = ()
+    transfer_classifiers: tuple = setting(
+        (),
+        "Further classifiers for the transfer matrix: name=path,...",
+        parse=config_io.parse_named_paths,
+        unparse=config_io.unparse_named_paths,
+    )
     attack: evaluation.EvalConfig = evaluation.EvalConfig()
-    gradient_examples: int = 64
+    gradient_examples: int = setting(64, "Examples of the gradient analysis.", lower_bound=2)
     gradient_top_k: int = 5
 
     def validate(self):

@@ -20,14 +20,14 @@ import os
 from absl import logging
 
 from s2s_tf import config_io
+from s2s_tf import constants
 from s2s_tf import data as data_lib
-from s2s_tf import distribute
-from s2s_tf import losses
-from s2s_tf import optim
-from s2s_tf import stages
-from s2s_tf import trainer
-
-STAGES = ("stage0", "stage1", "stage2")
+from s2s_tf.config_io import setting
+from s2s_tf.train import distribute
+from s2s_tf.train import losses
+from s2s_tf.train import optim
+from s2s_tf.train import stages
+from s2s_tf.train import trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +53,20 @@ class TrainConfig:
     eval_data: data_lib.DataConfig | None = None
     loop: trainer.LoopConfig = trainer.LoopConfig()
     optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
-    reconstruction_loss: str = "mse"
-    stage2_loss: str = "xent"
-    reconstruction_weight: float = 0.0
+    reconstruction_loss: str = setting("mse", "Stage-1 loss.", choices=losses.RECONSTRUCTION_LOSSES)
+    stage2_loss: str = setting(
+        "xent",
+        "xent: to labels; kl: to clean predictions.",
+        choices=losses.STAGE2_LOSSES,
+    )
+    reconstruction_weight: float = setting(
+        0.0, "Stage 2: weight of a reconstruction term.", lower_bound=0
+    )
 
     def validate(self):
         """Raises ValueError naming the first invalid field."""
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage not in constants.STAGES:
+            raise ValueError(f"stage must be one of {constants.STAGES}, got {self.stage!r}")
         if self.reconstruction_loss not in losses.RECONSTRUCTION_LOSSES:
             raise ValueError(f"reconstruction_loss must be one of {losses.RECONSTRUCTION_LOSSES}")
         if self.stage2_loss not in losses.STAGE2_LOSSES:
@@ -116,8 +122,3 @@ def train(config, workdir, strategy):
             json.dump(result, f, indent=2)
     logging.info("%s finished: %s", stage.name, json.dumps(result))
     return result
-
-
-def stage_model_path(workdir, stage, filename):
-    """Where `stage` writes `filename` (e.g. `stages.AUTOENCODER_FILE`) in `workdir`."""
-    return os.path.join(workdir, stage, filename)

@@ -12,7 +12,7 @@ import os
 
 import tensorflow as tf
 
-STRATEGIES = ("mirrored", "multi_worker", "one_device")
+from s2s_tf import constants
 
 
 def split_cpu(num_devices):
@@ -45,7 +45,7 @@ def create_strategy(name="mirrored"):
     """Creates a `tf.distribute.Strategy` by name (see the module docstring).
 
     Args:
-      name: one of `STRATEGIES`.
+      name: one of `constants.STRATEGIES`.
 
     Returns:
       The strategy.
@@ -53,8 +53,8 @@ def create_strategy(name="mirrored"):
     Raises:
       ValueError: for an unknown name, or "multi_worker" without a valid TF_CONFIG.
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    if name not in constants.STRATEGIES:
+        raise ValueError(f"strategy must be one of {constants.STRATEGIES}, got {name!r}")
     if name == "multi_worker":
         # Before anything lists devices: that initialises the runtime, and collective
         # ops can only be configured before it is.

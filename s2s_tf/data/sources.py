@@ -1,4 +1,4 @@
-"""Input pipelines: image sources, parsing, augmentation and `dataset_fn`.
+"""Image sources: Fashion-MNIST idx files, image folders, TFDS and in-memory test data.
 
 Every pipeline yields `(images, labels)` with images float32 `[B, H, W, 3]` in [0, 1] and labels
 int32 `[B]`, whatever the source. Sources are plain functions registered in `SOURCES`:
@@ -8,7 +8,8 @@ int32 `[B]`, whatever the source. Sources are plain functions registered in `SOU
 * `"folder"`: a directory of class subfolders holding jpg/png/bmp/gif images.
 * `"tfds"` (or `"tfds:<name>"`): any TensorFlow Datasets dataset.
 
-`make_dataset_fn(config, training)` gives the `dataset_fn` of `distribute_datasets_from_function`.
+`load_source(config, num_shards, shard_id)` gives one shard of raw examples; the batching and
+parsing are in `s2s_tf.data.input_pipeline`.
 """
 
 import dataclasses
@@ -20,6 +21,9 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from s2s_tf import config_io
+from s2s_tf.config_io import setting
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
 _IDX_IMAGES_MAGIC = 2051
@@ -28,9 +32,6 @@ _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # A fixed order seed (not `DataConfig.seed`), so that a `num_examples` subset of a folder is
 # the same images for every run, whatever seed its training used.
 _FOLDER_ORDER_SEED = 0
-# Below this side length the CIFAR-style pad-and-crop is used; above it, Inception-style random
-# resized crops, whose 8% minimum area would destroy tiny images.
-_RESIZED_CROP_MIN_SIZE = 96
 _IMAGENET_HINT = (
     " ImageNet cannot be downloaded: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a"
     " folder and pass it as manual_dir (now {!r})."
@@ -61,20 +62,35 @@ class DataConfig:
         crop_fraction: Fraction of the central region kept by evaluation before resizing.
     """
 
-    source: str = "fashion_mnist"
+    source: str = setting(
+        "fashion_mnist",
+        "Data source: a key of SOURCES (testing, fashion_mnist, folder, tfds), or tfds:<name> "
+        "for any TensorFlow Datasets dataset.",
+        flag="dataset",
+        check=lambda v: _check_source(v),
+    )
     split: str = "train"
-    image_size: tuple[int, int] = (32, 32)
-    global_batch_size: int = 128
+    image_size: tuple[int, int] = setting(
+        (32, 32),
+        "Image size 'S' or 'H,W' the models work at.",
+        parse=config_io.parse_image_size,
+        unparse=config_io.unparse_image_size,
+    )
+    global_batch_size: int = setting(
+        64, "Global batch size (over all replicas).", flag="batch_size", lower_bound=1
+    )
     shuffle_buffer: int = 10_000
-    seed: int = 0
+    seed: int = setting(0, "Random seed for shuffling, augmentation, init and attacks.")
     augment: bool = True
-    data_dir: str | None = None
-    folder: str | None = None
+    data_dir: str | None = setting(None, "Fashion-MNIST idx directory, or the TFDS data_dir.")
+    folder: str | None = setting(
+        None, "Root of a folder of class subfolders of images.", flag="image_folder"
+    )
     cache: bool = False
     drop_remainder: bool = False
     num_examples: int | None = None
     tfds_name: str | None = None
-    manual_dir: str | None = None
+    manual_dir: str | None = setting(None, "TFDS manual download dir (e.g. imagenet2012).")
     download: bool = True
     crop_fraction: float = 1.0
 
@@ -289,6 +305,12 @@ SOURCES: dict[str, SourceFn] = {
 }
 
 
+def _check_source(name):
+    """Raises ValueError unless `name` is a key of `SOURCES` or "tfds:<name>"."""
+    if name not in SOURCES and not (name.startswith("tfds:") and len(name) > len("tfds:")):
+        raise ValueError(f"--dataset must be one of {sorted(SOURCES)} or tfds:<name>, got {name!r}")
+
+
 def load_source(config: DataConfig, num_shards: int = 1, shard_id: int = 0) -> tf.data.Dataset:
     """Returns one shard of the raw `(uint8 image [H, W, C], int label)` examples of a config.
 
@@ -310,141 +332,3 @@ def load_source(config: DataConfig, num_shards: int = 1, shard_id: int = 0) -> t
             f"Unknown source {config.source!r}; known: {sorted(SOURCES)}, tfds:<name>."
         )
     return SOURCES[config.source](config, num_shards, shard_id)
-
-
-def _to_float_rgb(image: tf.Tensor) -> tf.Tensor:
-    """Converts an image to float32 in [0, 1] with 3 channels (gray is tiled, alpha dropped)."""
-    image = tf.image.convert_image_dtype(image, tf.float32)
-    channels = image.shape[-1]
-    if channels == 1:
-        image = tf.tile(image, [1, 1, 3])
-    elif channels == 4:
-        image = image[..., :3]
-    elif channels != 3:
-        raise ValueError(f"Images need 1, 3 or 4 channels, got shape {image.shape}.")
-    return image
-
-
-def _resize(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    # Antialiasing only changes downscaling, where plain bilinear would alias.
-    image = tf.image.resize(image, size, method="bilinear", antialias=True)
-    return tf.clip_by_value(image, 0.0, 1.0)
-
-
-def _center_crop(image: tf.Tensor, size: tuple[int, int], fraction: float) -> tf.Tensor:
-    """Takes the largest central crop with the aspect ratio of `size`, scaled by `fraction`."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = tf.minimum(shape[0] / size[0], shape[1] / size[1]) * fraction
-    crop = tf.cast(tf.round(tf.constant(size, tf.float32) * scale), tf.int32)
-    crop = tf.clip_by_value(crop, 1, tf.cast(shape, tf.int32))
-    offset = (tf.cast(shape, tf.int32) - crop) // 2
-    return tf.image.crop_to_bounding_box(image, offset[0], offset[1], crop[0], crop[1])
-
-
-def preprocess_eval(image: tf.Tensor, size: tuple[int, int], fraction: float = 1.0) -> tf.Tensor:
-    """Deterministic evaluation view: central crop then resize, float32 RGB in [0, 1]."""
-    image = _to_float_rgb(image)
-    image = _resize(_center_crop(image, size, fraction), size)
-    return tf.ensure_shape(image, [*size, 3])
-
-
-def preprocess_train(image: tf.Tensor, size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
-    """Random training view: crop and horizontal flip, reproducible from `seed` (shape [2]).
-
-    Small outputs use pad-and-crop (padding an eighth of the side, reflected); larger ones use
-    random resized crops of 8-100% of the area and aspect ratio 3/4-4/3.
-    """
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = _to_float_rgb(image)
-    if min(size) < _RESIZED_CROP_MIN_SIZE:
-        image = _resize(image, size)
-        pad_h, pad_w = max(1, size[0] // 8), max(1, size[1] // 8)
-        image = tf.pad(image, [[pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="REFLECT")
-        image = tf.image.stateless_random_crop(image, [*size, 3], seed=crop_seed)
-    else:
-        begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image),
-            tf.zeros([1, 0, 4]),
-            seed=crop_seed,
-            min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(0.08, 1.0),
-            use_image_if_no_bounding_boxes=True,
-        )
-        image = _resize(tf.slice(image, begin, crop), size)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return tf.ensure_shape(image, [*size, 3])
-
-
-def make_dataset_fn(
-    config: DataConfig, training: bool
-) -> Callable[[tf.distribute.InputContext | None], tf.data.Dataset]:
-    """Builds a `dataset_fn` for `strategy.distribute_datasets_from_function`.
-
-    Training pipelines shuffle (seeded), repeat forever, optionally augment and always drop
-    the last partial batch (nothing is lost when repeating, and shapes stay static). Evaluation
-    pipelines read each example of their shard once, in order.
-
-    Args:
-        config: What to read and how to batch it.
-        training: Whether to build the training pipeline.
-
-    Returns:
-        `dataset_fn(input_context)` yielding `(float32 [b, H, W, 3] in [0, 1], int32 [b])`
-        batches, with b the per-replica batch size (the global one when `input_context` is
-        None); each input pipeline reads a disjoint shard.
-    """
-
-    def dataset_fn(input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-        num_shards, shard_id, batch_size = 1, 0, config.global_batch_size
-        if input_context is not None:
-            num_shards = input_context.num_input_pipelines
-            shard_id = input_context.input_pipeline_id
-            batch_size = input_context.get_per_replica_batch_size(config.global_batch_size)
-        ds = load_source(config, num_shards, shard_id)
-        if config.cache:
-            ds = ds.cache()
-        size = config.image_size
-        if training:
-            # Each pipeline gets its own stream of randomness so that shards are not augmented
-            # in lockstep.
-            ds = ds.shuffle(config.shuffle_buffer, seed=config.seed * 1009 + shard_id)
-            ds = ds.repeat()
-        if training and config.augment:
-            base_seed = tf.constant([config.seed, shard_id], tf.int64)
-
-            def augment(index, example):
-                # One seed per element (from its position in the repeated stream), so results
-                # do not depend on map parallelism and differ between epochs.
-                seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-                return preprocess_train(example[0], size, seed), tf.cast(example[1], tf.int32)
-
-            ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        else:
-
-            def evaluate(image, label):
-                return preprocess_eval(image, size, config.crop_fraction), tf.cast(label, tf.int32)
-
-            ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(batch_size, drop_remainder=training or config.drop_remainder)
-        return ds.prefetch(tf.data.AUTOTUNE)
-
-    return dataset_fn
-
-
-def load_numpy(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a (small) evaluation set into memory, e.g. for attacks or reports.
-
-    Args:
-        config: Data config; set `num_examples` to bound the size. Augmentation is never applied
-            and every example of the split (or subset) is returned, in order.
-
-    Returns:
-        `(images float32 [N, H, W, 3] in [0, 1], labels int32 [N])`.
-    """
-    config = dataclasses.replace(config, drop_remainder=False)
-    images, labels = [], []
-    for x, y in make_dataset_fn(config, training=False)(None).as_numpy_iterator():
-        images.append(x)
-        labels.append(y)
-    return np.concatenate(images), np.concatenate(labels)

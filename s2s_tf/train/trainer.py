@@ -27,10 +27,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from s2s_tf import checkpointing
 from s2s_tf import data as data_lib
-from s2s_tf import distribute
-from s2s_tf import optim
+from s2s_tf.config_io import setting
+from s2s_tf.train import checkpointing
+from s2s_tf.train import distribute
+from s2s_tf.train import optim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +49,14 @@ class LoopConfig:
       jit_compile: compile the per-replica step with XLA.
     """
 
-    train_steps: int = 1000
-    steps_per_loop: int = 50
-    checkpoint_every: int = 500
-    eval_every: int = 500
-    summary_every: int = 500
+    train_steps: int = setting(1000, "Optimizer steps of the stage.", lower_bound=1)
+    steps_per_loop: int = setting(50, "Steps per tf.function call.", lower_bound=1)
+    checkpoint_every: int = setting(500, "Save a checkpoint every N steps.", lower_bound=1)
+    eval_every: int = setting(500, "Evaluate every N steps.", lower_bound=1)
+    summary_every: int = setting(500, "Images/histograms every N steps.", lower_bound=1)
     max_checkpoints: int = 3
-    mixed_precision: bool = False
-    jit_compile: bool = False
+    mixed_precision: bool = setting(False, "mixed_float16 with loss scaling (GPU).")
+    jit_compile: bool = setting(False, "Compile the train step with XLA (GPU).")
 
     def validate(self):
         """Raises ValueError naming the first field that is not a positive int."""

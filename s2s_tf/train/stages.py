@@ -15,19 +15,17 @@ import os
 
 import tensorflow as tf
 
-from s2s_tf import checkpointing
-from s2s_tf import losses
-from s2s_tf import trainer
+from s2s_tf import constants
+from s2s_tf.config_io import setting
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import preprocessing
 from s2s_tf.models import s2s_model
 from s2s_tf.models import torch_convert
 from s2s_tf.models import vgg16_init
-
-CLASSIFIER_FILE = "classifier.keras"
-AUTOENCODER_FILE = "autoencoder.keras"
-DEFENDED_FILE = "defended.keras"
+from s2s_tf.train import checkpointing
+from s2s_tf.train import losses
+from s2s_tf.train import trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +47,22 @@ class ModelConfig:
         (`torch_convert.CHECKPOINT_SUFFIXES`, converted on load).
     """
 
-    classifier: str = "small_cnn"
-    num_classes: int = 10
-    classifier_weights: str | None = None
+    classifier: str = setting(
+        "small_cnn", "Classifier architecture.", choices=lambda: classifiers.CLASSIFIERS
+    )
+    num_classes: int = setting(10, "Number of classes of the classifier.", lower_bound=1)
+    classifier_weights: str | None = setting(
+        None,
+        "None (random init), 'imagenet' (Keras weights; needs internet) or a local "
+        ".weights.h5/.keras file.",
+    )
     classifier_path: str | None = None
     image_size: tuple = (32, 32)
     autoencoder: ae_lib.AutoencoderConfig = ae_lib.AutoencoderConfig(num_stages=3)
-    ae_init: str | None = None
+    ae_init: str | None = setting(
+        None,
+        "Initialise the encoder from VGG16: 'imagenet' or a local VGG16 .weights.h5/.keras file.",
+    )
     autoencoder_path: str | None = None
 
 
@@ -114,7 +121,7 @@ class ClassifierStage(trainer.Stage):
         _input_gradient_histogram(self.classifier, images, labels, "classifier")
 
     def save_final(self, directory):
-        path = os.path.join(directory, CLASSIFIER_FILE)
+        path = os.path.join(directory, constants.CLASSIFIER_FILE)
         return [checkpointing.save_keras_atomic(self.classifier, path)]
 
 
@@ -180,7 +187,7 @@ class ReconstructionStage(trainer.Stage):
             _input_gradient_histogram(defended, images, labels, "defended")
 
     def save_final(self, directory):
-        path = os.path.join(directory, AUTOENCODER_FILE)
+        path = os.path.join(directory, constants.AUTOENCODER_FILE)
         return [checkpointing.save_keras_atomic(self.autoencoder, path)]
 
 
@@ -273,9 +280,11 @@ class DecoderStage(trainer.Stage):
         defended = s2s_model.build_s2s_model(self.autoencoder, self.classifier)
         return [
             checkpointing.save_keras_atomic(
-                self.autoencoder, os.path.join(directory, AUTOENCODER_FILE)
+                self.autoencoder, os.path.join(directory, constants.AUTOENCODER_FILE)
             ),
-            checkpointing.save_keras_atomic(defended, os.path.join(directory, DEFENDED_FILE)),
+            checkpointing.save_keras_atomic(
+                defended, os.path.join(directory, constants.DEFENDED_FILE)
+            ),
         ]
 
 

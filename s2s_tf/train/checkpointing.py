@@ -18,7 +18,7 @@ import shutil
 import tensorflow as tf
 from absl import logging
 
-from s2s_tf import distribute
+from s2s_tf.train import distribute
 
 CHECKPOINT_SUBDIR = "checkpoints"
 

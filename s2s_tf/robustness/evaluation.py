@@ -24,9 +24,12 @@ import time
 import numpy as np
 from absl import logging
 
-from s2s_tf import attacks as attacks_lib
+from s2s_tf import config_io
+from s2s_tf import constants
+from s2s_tf.config_io import setting
+from s2s_tf.robustness import attacks as attacks_lib
+from s2s_tf.robustness import runner
 
-THREAT_MODELS = ("gray_box", "white_box", "bpda", "transfer", "gradient_free")
 # Attacks whose iteration counts mean something else (CW's Adam steps per binary-search
 # step, SPSA's gradient estimates) keep their registry defaults instead of `steps`.
 OWN_SCHEDULE = ("cw_l2", "spsa")
@@ -41,7 +44,7 @@ class EvalConfig:
     Attributes:
       attacks: registry names of the gradient attacks to run.
       eps: L∞ budgets in [0, 1] pixel units (L2 attacks scale them, see `l2_eps`).
-      threat_models: a subset of `THREAT_MODELS`.
+      threat_models: a subset of `constants.THREAT_MODELS`.
       num_examples: evaluation examples.
       batch_size: attack batch size.
       steps: iterations of the iterative attacks.
@@ -56,14 +59,23 @@ class EvalConfig:
       seed: random seed of the attacks.
     """
 
-    attacks: tuple = ("fgsm", "pgd")
-    eps: tuple = (2 / 255, 4 / 255, 8 / 255, 16 / 255)
-    threat_models: tuple = THREAT_MODELS
-    num_examples: int = 500
+    attacks: tuple = setting(
+        ("fgsm", "pgd"), "Gradient attacks to run.", choices=lambda: attacks_lib.ATTACKS
+    )
+    eps: tuple = setting(
+        (2 / 255, 4 / 255, 8 / 255, 16 / 255),
+        "L-inf budgets (pixel units).",
+        parse=config_io.parse_eps_list,
+        unparse=config_io.unparse_eps_list,
+    )
+    threat_models: tuple = setting(
+        constants.THREAT_MODELS, "Threat models to evaluate.", choices=constants.THREAT_MODELS
+    )
+    num_examples: int = setting(500, "Examples attacked.", lower_bound=1)
     batch_size: int = 100
-    steps: int = 10
-    restarts: int = 1
-    spsa_examples: int = 50
+    steps: int = setting(10, "Iterations of iterative attacks.", lower_bound=1)
+    restarts: int = setting(1, "Random restarts of PGD.", lower_bound=1)
+    spsa_examples: int = setting(50, "Examples for SPSA (slow).", lower_bound=1)
     spsa_eps: float | None = None
     large_eps: float = 64 / 255
     transfer_attack: str = "pgd"
@@ -76,9 +88,9 @@ class EvalConfig:
         unknown = [a for a in (*self.attacks, self.transfer_attack) if a not in attacks_lib.ATTACKS]
         if unknown:
             raise ValueError(f"unknown attacks {unknown}; known: {sorted(attacks_lib.ATTACKS)}")
-        bad = [t for t in self.threat_models if t not in THREAT_MODELS]
+        bad = [t for t in self.threat_models if t not in constants.THREAT_MODELS]
         if bad:
-            raise ValueError(f"unknown threat models {bad}; known: {THREAT_MODELS}")
+            raise ValueError(f"unknown threat models {bad}; known: {constants.THREAT_MODELS}")
         if not self.eps or any(not 0 <= e <= 1 for e in self.eps):
             raise ValueError(f"eps must be non-empty values in [0, 1], got {self.eps}")
         for name in ("num_examples", "batch_size", "steps", "restarts", "spsa_examples"):
@@ -104,7 +116,7 @@ class Models:
     others: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        self.bpda = attacks_lib.bpda_model_fn(self.purifier, self.classifier)
+        self.bpda = runner.bpda_model_fn(self.purifier, self.classifier)
 
 
 class Evaluator:
@@ -135,7 +147,7 @@ class Evaluator:
     def accuracy(self, model_fn, images, labels=None):
         """Fraction of `images` that `model_fn` classifies correctly."""
         labels = self.labels[: len(images)] if labels is None else labels
-        return float(attacks_lib.accuracy(model_fn, images, labels, self.config.batch_size))
+        return float(runner.accuracy(model_fn, images, labels, self.config.batch_size))
 
     def attack(self, name, model_fn, eps, images=None, labels=None, **overrides):
         """Adversarial examples of `images` (default: all) made on `model_fn`."""
@@ -154,7 +166,7 @@ class Evaluator:
             if total > self.config.batch_size:  # one line per batch only when there are several
                 self.progress(f"  {name}: {done}/{total} examples")
 
-        adversarial = attacks_lib.run_attack(
+        adversarial = runner.run_attack(
             name,
             model_fn,
             images,

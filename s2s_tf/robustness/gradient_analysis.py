@@ -19,7 +19,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from s2s_tf import losses
+from s2s_tf.train import losses
 
 CLASS_GRADIENT_METHODS = ("batch_jacobian", "loop")
 

@@ -5,6 +5,9 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from s2s_tf import config_io
+from s2s_tf.config_io import setting
+
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 
@@ -28,15 +31,17 @@ class OptimizerConfig:
         summed over replicas; None for no clipping.
     """
 
-    name: str = "adam"
-    learning_rate: float = 1e-3
-    schedule: str = "constant"
-    warmup_steps: int = 0
+    name: str = setting("adam", "Optimizer.", flag="optimizer", choices=OPTIMIZERS)
+    learning_rate: float = setting(1e-3, "Peak learning rate.", check=config_io.check_positive)
+    schedule: str = setting("constant", "LR schedule.", flag="lr_schedule", choices=SCHEDULES)
+    warmup_steps: int = setting(0, "Linear warm-up steps (cosine).", lower_bound=0)
     step_boundaries: tuple = (0.5, 0.75)
     step_factor: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    clip_global_norm: float | None = None
+    momentum: float = setting(0.9, "SGD momentum.", lower_bound=0, upper_bound=0.999)
+    weight_decay: float = setting(0.0, "Decoupled weight decay.", lower_bound=0)
+    clip_global_norm: float | None = setting(
+        None, "Clip gradients to this global norm.", kind="float", check=config_io.check_positive
+    )
 
     def validate(self):
         """Raises ValueError naming the first invalid field."""

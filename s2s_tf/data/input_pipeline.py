@@ -1,0 +1,156 @@
+"""Parsing, augmentation and `dataset_fn`: raw source examples to batches in [0, 1].
+
+`make_dataset_fn(config, training)` gives the `dataset_fn` of
+`strategy.distribute_datasets_from_function`; `load_numpy` reads a small evaluation set.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from s2s_tf.data.sources import DataConfig
+from s2s_tf.data.sources import load_source
+
+# Below this side length the CIFAR-style pad-and-crop is used; above it, Inception-style random
+# resized crops, whose 8% minimum area would destroy tiny images.
+_RESIZED_CROP_MIN_SIZE = 96
+
+
+def _to_float_rgb(image: tf.Tensor) -> tf.Tensor:
+    """Converts an image to float32 in [0, 1] with 3 channels (gray is tiled, alpha dropped)."""
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    channels = image.shape[-1]
+    if channels == 1:
+        image = tf.tile(image, [1, 1, 3])
+    elif channels == 4:
+        image = image[..., :3]
+    elif channels != 3:
+        raise ValueError(f"Images need 1, 3 or 4 channels, got shape {image.shape}.")
+    return image
+
+
+def _resize(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    # Antialiasing only changes downscaling, where plain bilinear would alias.
+    image = tf.image.resize(image, size, method="bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _center_crop(image: tf.Tensor, size: tuple[int, int], fraction: float) -> tf.Tensor:
+    """Takes the largest central crop with the aspect ratio of `size`, scaled by `fraction`."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = tf.minimum(shape[0] / size[0], shape[1] / size[1]) * fraction
+    crop = tf.cast(tf.round(tf.constant(size, tf.float32) * scale), tf.int32)
+    crop = tf.clip_by_value(crop, 1, tf.cast(shape, tf.int32))
+    offset = (tf.cast(shape, tf.int32) - crop) // 2
+    return tf.image.crop_to_bounding_box(image, offset[0], offset[1], crop[0], crop[1])
+
+
+def preprocess_eval(image: tf.Tensor, size: tuple[int, int], fraction: float = 1.0) -> tf.Tensor:
+    """Deterministic evaluation view: central crop then resize, float32 RGB in [0, 1]."""
+    image = _to_float_rgb(image)
+    image = _resize(_center_crop(image, size, fraction), size)
+    return tf.ensure_shape(image, [*size, 3])
+
+
+def preprocess_train(image: tf.Tensor, size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+    """Random training view: crop and horizontal flip, reproducible from `seed` (shape [2]).
+
+    Small outputs use pad-and-crop (padding an eighth of the side, reflected); larger ones use
+    random resized crops of 8-100% of the area and aspect ratio 3/4-4/3.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = _to_float_rgb(image)
+    if min(size) < _RESIZED_CROP_MIN_SIZE:
+        image = _resize(image, size)
+        pad_h, pad_w = max(1, size[0] // 8), max(1, size[1] // 8)
+        image = tf.pad(image, [[pad_h, pad_h], [pad_w, pad_w], [0, 0]], mode="REFLECT")
+        image = tf.image.stateless_random_crop(image, [*size, 3], seed=crop_seed)
+    else:
+        begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.shape(image),
+            tf.zeros([1, 0, 4]),
+            seed=crop_seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            use_image_if_no_bounding_boxes=True,
+        )
+        image = _resize(tf.slice(image, begin, crop), size)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return tf.ensure_shape(image, [*size, 3])
+
+
+def make_dataset_fn(
+    config: DataConfig, training: bool
+) -> Callable[[tf.distribute.InputContext | None], tf.data.Dataset]:
+    """Builds a `dataset_fn` for `strategy.distribute_datasets_from_function`.
+
+    Training pipelines shuffle (seeded), repeat forever, optionally augment and always drop
+    the last partial batch (nothing is lost when repeating, and shapes stay static). Evaluation
+    pipelines read each example of their shard once, in order.
+
+    Args:
+        config: What to read and how to batch it.
+        training: Whether to build the training pipeline.
+
+    Returns:
+        `dataset_fn(input_context)` yielding `(float32 [b, H, W, 3] in [0, 1], int32 [b])`
+        batches, with b the per-replica batch size (the global one when `input_context` is
+        None); each input pipeline reads a disjoint shard.
+    """
+
+    def dataset_fn(input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        num_shards, shard_id, batch_size = 1, 0, config.global_batch_size
+        if input_context is not None:
+            num_shards = input_context.num_input_pipelines
+            shard_id = input_context.input_pipeline_id
+            batch_size = input_context.get_per_replica_batch_size(config.global_batch_size)
+        ds = load_source(config, num_shards, shard_id)
+        if config.cache:
+            ds = ds.cache()
+        size = config.image_size
+        if training:
+            # Each pipeline gets its own stream of randomness so that shards are not augmented
+            # in lockstep.
+            ds = ds.shuffle(config.shuffle_buffer, seed=config.seed * 1009 + shard_id)
+            ds = ds.repeat()
+        if training and config.augment:
+            base_seed = tf.constant([config.seed, shard_id], tf.int64)
+
+            def augment(index, example):
+                # One seed per element (from its position in the repeated stream), so results
+                # do not depend on map parallelism and differ between epochs.
+                seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+                return preprocess_train(example[0], size, seed), tf.cast(example[1], tf.int32)
+
+            ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+
+            def evaluate(image, label):
+                return preprocess_eval(image, size, config.crop_fraction), tf.cast(label, tf.int32)
+
+            ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=training or config.drop_remainder)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    return dataset_fn
+
+
+def load_numpy(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a (small) evaluation set into memory, e.g. for attacks or reports.
+
+    Args:
+        config: Data config; set `num_examples` to bound the size. Augmentation is never applied
+            and every example of the split (or subset) is returned, in order.
+
+    Returns:
+        `(images float32 [N, H, W, 3] in [0, 1], labels int32 [N])`.
+    """
+    config = dataclasses.replace(config, drop_remainder=False)
+    images, labels = [], []
+    for x, y in make_dataset_fn(config, training=False)(None).as_numpy_iterator():
+        images.append(x)
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)

@@ -1,0 +1,1 @@
+"""Robustness evaluation: attacks, threat models, gradient analysis and the report."""

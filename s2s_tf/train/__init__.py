@@ -1,0 +1,1 @@
+"""Training: the distributed trainer loop, the S2SNet stages, losses, optimizers, strategies."""
