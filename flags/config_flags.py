@@ -127,7 +127,7 @@ def define(cls, names=None, *, defaults=None, flag_names=None, flag_values=flags
     return defined
 
 
-def values(cls, names=None, *, flag_names=None, flag_values=flags.FLAGS):
+def values(cls, names=None, *, flag_names=None, flag_values=flags.FLAGS, only_given=False):
     """The parsed values of the flags `define(cls, names, ...)` defined, by field name.
 
     Args:
@@ -135,6 +135,8 @@ def values(cls, names=None, *, flag_names=None, flag_values=flags.FLAGS):
       names: the field names given to `define` (default: every declared setting).
       flag_names: the renames given to `define`.
       flag_values: the parsed `FlagValues`.
+      only_given: return only the flags given on the command line (or in a
+        flagfile), e.g. to override a preset with them.
 
     Returns:
       A dict of keyword arguments of `cls` (tuples for lists, parsed text values).
@@ -144,6 +146,8 @@ def values(cls, names=None, *, flag_names=None, flag_values=flags.FLAGS):
         if names is not None and field.name not in names:
             continue
         name = (flag_names or {}).get(field.name) or setting.flag or field.name
+        if only_given and not flag_values[name].present:
+            continue
         value = flag_values[name].value
         if setting.parse is not None and value is not None:
             value = setting.parse(value)

@@ -13,7 +13,7 @@ from s2s_tf.flags import config_flags
 from s2s_tf.robustness import evaluation
 
 # The pipeline's attack settings; --attack_steps because --steps would read as training steps.
-ATTACK_SETTINGS = ("num_examples", "spsa_examples", "steps")
+ATTACK_SETTINGS = ("num_examples", "gradient_free_examples", "steps")
 ATTACK_FLAG_NAMES = {"steps": "attack_steps"}
 
 

@@ -17,7 +17,6 @@ import re
 
 STAGES = ("stage0", "stage1", "stage2")
 STRATEGIES = ("mirrored", "multi_worker", "one_device")
-THREAT_MODELS = ("gray_box", "white_box", "bpda", "transfer", "gradient_free")
 # How the serving signatures treat pixels outside [0, 1]: clip them, or reject the request.
 OUT_OF_RANGE_MODES = ("clip", "error")
 # TF Serving model names (also directory names): no path separators, no leading dot.

@@ -27,8 +27,12 @@ def config_from_flags():
     """Builds the `EvalRunConfig` from parsed flags."""
     composed = FLAGS.autoencoder_path or FLAGS.classifier_path
     defended = FLAGS.defended_path or (None if composed else constants.defended_path(FLAGS.workdir))
-    attack = evaluation.EvalConfig(
-        **config_flags.values(evaluation.EvalConfig), batch_size=FLAGS.batch_size, seed=FLAGS.seed
+    # The preset's attack suite, with the attack flags given explicitly on top.
+    attack = evaluation.preset(
+        FLAGS.attack_preset,
+        **config_flags.values(evaluation.EvalConfig, only_given=True),
+        batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
     )
     data = data_lib.DataConfig(
         **common_flags.data_config_kwargs(),

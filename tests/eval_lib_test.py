@@ -54,7 +54,7 @@ class EvaluateTest(tf.test.TestCase):
                 num_examples=12,
                 batch_size=6,
                 steps=2,
-                spsa_examples=3,
+                gradient_free_examples=3,
             ),
             gradient_examples=6,
             gradient_top_k=3,

@@ -29,7 +29,7 @@ TINY = pipeline.PipelineConfig(
         num_examples=16,
         batch_size=8,
         steps=2,
-        spsa_examples=2,
+        gradient_free_examples=2,
     ),
 )
 

@@ -46,10 +46,7 @@ def readme_commands(text):
     """The binary commands of the README's bash blocks, continuation lines joined."""
     commands = []
     for block in _BLOCK.findall(text):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #", 1)[0].strip()
-            if not line or line.startswith("#"):
-                continue
+        for line in _shell_lines(block):
             words = shlex.split(line)
             while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
                 words = words[1:]  # VAR=value prefixes
@@ -62,6 +59,23 @@ def readme_commands(text):
             ):
                 commands.append(line)
     return commands
+
+
+def _shell_lines(block):
+    """The block's commands: continuations joined, comments dropped, quotes kept whole."""
+    pending = ""
+    for line in block.replace("\\\n", " ").splitlines():
+        if not pending:
+            line = line.split(" #", 1)[0].strip()
+            if not line or line.startswith("#"):
+                continue
+        pending = f"{pending}\n{line}" if pending else line
+        try:
+            shlex.split(pending)
+        except ValueError:  # an open quote: the command goes on on the next line
+            continue
+        yield pending
+        pending = ""
 
 
 def _flag_names(command):

@@ -20,6 +20,7 @@ from s2s_tf import config_io
 from s2s_tf import data as data_lib
 from s2s_tf.config_io import setting
 from s2s_tf.models import s2s_model
+from s2s_tf.robustness import checks as checks_lib
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import gradient_analysis
 from s2s_tf.robustness import report
@@ -41,6 +42,7 @@ class EvalRunConfig:
       attack: the attack settings (`evaluation.EvalConfig`).
       gradient_examples: images used by the gradient analysis.
       gradient_top_k: class logits compared per image for class specificity.
+      attack_preset: the `evaluation.PRESETS` entry `attack` was built from (for the report).
     """
 
     data: data_lib.DataConfig = data_lib.DataConfig(split="test", augment=False)
@@ -55,6 +57,12 @@ class EvalRunConfig:
     )
     attack: evaluation.EvalConfig = evaluation.EvalConfig()
     gradient_examples: int = setting(64, "Examples of the gradient analysis.", lower_bound=2)
+    attack_preset: str = setting(
+        "standard",
+        "Attack suite: standard (AutoAttack-like, >= 500 examples) or fast (main job, CI); "
+        "attack flags given explicitly override it.",
+        choices=tuple(evaluation.PRESETS),
+    )
     gradient_top_k: int = 5
 
     def validate(self):
@@ -122,10 +130,10 @@ def _tensorboard(outdir, results, gradients):
             tf.summary.scalar(f"clean/{model}", value)
         for threat, table in results["threats"].items():
             for attack, by_eps in table.items():
-                if not isinstance(by_eps, dict):
-                    continue
                 for eps, row in by_eps.items():
                     tf.summary.scalar(f"{threat}/{attack}/eps_{eps}", row["defended"])
+        for eps, row in results.get("headline", {}).items():
+            tf.summary.scalar(f"robust_accuracy/eps_{eps}", row["robust_accuracy"])
         for model, stats in gradients.items():
             for key, value in stats.items():
                 tf.summary.scalar(f"gradients/{model}/{key}", value)
@@ -154,7 +162,7 @@ def evaluate(config, outdir, progress=logging.info):
     images, labels = data_lib.load_numpy(data)
     evaluator = evaluation.Evaluator(models, images, labels, config.attack, progress)
     results = evaluator.run()
-    checks = evaluation.sanity_checks(results, len(evaluator.images))
+    checks = checks_lib.sanity_checks(results, config.attack)
     progress(f"gradient analysis on {min(config.gradient_examples, len(images))} examples")
     n = min(config.gradient_examples, len(images))
     analysis, gradients, histograms = _gradient_analysis(
@@ -165,6 +173,8 @@ def evaluate(config, outdir, progress=logging.info):
         "config": config_io.config_to_dict(config),
         "results": results,
         "checks": checks,
+        "adaptive": checks_lib.adaptive_comparison(results, config.attack),
+        "meta": {"preset": config.attack_preset},
         "gradients": gradients,
         "gradient_analysis": analysis["metrics"],
     }

@@ -16,11 +16,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-THREAT_TITLES = {
-    "gray_box": "gray-box (made on the classifier, fed to the defended model)",
-    "white_box": "white-box (end to end through autoencoder and classifier)",
-    "bpda": "BPDA (autoencoder as identity in the backward pass)",
-}
+from s2s_tf.robustness import threat_models  # noqa: E402
 
 
 def versions():
@@ -94,48 +90,20 @@ def markdown(document, files):
     out.append(
         f"Date: {meta.get('date', '?')}; versions: `{json.dumps(meta.get('versions', {}))}`."
     )
-    out.append(f"Examples: {results['num_examples']}; eps in [0, 1] pixel units (shown as /255).\n")
-    out += ["## Clean accuracy", ""]
+    out.append(f"Examples: {results['num_examples']}; eps in [0, 1] pixel units (shown as /255).")
+    if meta.get("preset"):
+        out.append(f"Attack preset: `{meta['preset']}`.")
+    out += ["", "## Clean accuracy", ""]
     out.append(_table(["model", "accuracy"], [(k, _pct(v)) for k, v in results["clean"].items()]))
+    out += _headline_section(results.get("headline", {}))
     for threat, table in results.get("threats", {}).items():
-        if threat == "gradient_free":
-            continue
-        out += ["", f"## {THREAT_TITLES.get(threat, threat)}", ""]
-        eps_keys = list(next(iter(table.values())).keys()) if table else []
-        rows = []
-        for attack, by_eps in table.items():
-            rows.append([f"{attack} (defended)"] + [_pct(by_eps[e]["defended"]) for e in eps_keys])
-            if threat == "gray_box":
-                rows.append(
-                    [f"{attack} (classifier alone)"]
-                    + [_pct(by_eps[e]["classifier"]) for e in eps_keys]
-                )
-        out.append(_table(["attack \\ eps", *eps_keys], rows))
-    free = results.get("threats", {}).get("gradient_free")
-    if free:
-        out += ["", f"## Gradient-free (SPSA, {free['num_examples']} examples)", ""]
-        rows = [
-            (name, eps, _pct(v["defended"]))
-            for name in ("spsa", "pgd_same_subset")
-            for eps, v in free[name].items()
-        ]
-        out.append(_table(["attack", "eps", "defended accuracy"], rows))
-    transfer = results.get("transfer")
-    if transfer:
-        names = list(transfer["matrix"])
-        out += [
-            "",
-            f"## Transfer ({transfer['attack']}, eps {transfer['eps'] * 255:g}/255)",
-            "",
-            "Rows: the model the examples were made on; columns: the model evaluated.",
-            "",
-        ]
-        rows = [[src] + [_pct(transfer["matrix"][src][t]) for t in names] for src in names]
-        out.append(_table(["source \\ target", *names], rows))
+        out += _threat_section(threat, table)
+    out += _transfer_section(results.get("transfer"))
+    out += _adaptive_section(document.get("adaptive", []))
     out += ["", "## Sanity checks", ""]
     rows = [
         (
-            "PASS" if c["passed"] else ("not run" if c["passed"] is None else "**FAIL**"),
+            "PASS" if c["passed"] else ("undecided" if c["passed"] is None else "**FAIL**"),
             c["name"],
             c["detail"],
         )
@@ -148,6 +116,81 @@ def markdown(document, files):
         if key in files:
             out.append(f"![{key}]({files[key]})")
     return "\n".join(out) + "\n"
+
+
+def _headline_section(headline):
+    if not headline:
+        return []
+    rows = [
+        (
+            eps,
+            _pct(h["robust_accuracy"]),
+            f"{_pct(h['ci95'][0])} - {_pct(h['ci95'][1])}",
+            f"{h['robust']}/{h['n']}",
+            len(h["runs"]),
+        )
+        for eps, h in headline.items()
+    ]
+    return [
+        "",
+        "## Robust accuracy (per-example worst case over every attack and threat model)",
+        "",
+        "An example counts as robust at an eps only if the defended model classifies it "
+        "correctly clean and after every attack run at that eps (AutoAttack's robust accuracy). "
+        "Attacks run on a subset (gradient-free) constrain their examples only.",
+        "",
+        _table(["eps", "robust accuracy", "95% CI (Wilson)", "robust / n", "runs"], rows),
+    ]
+
+
+def _threat_section(threat, table):
+    if not table:
+        return []
+    title = threat_models.THREATS[threat].title if threat in threat_models.THREATS else threat
+    eps_keys = list(next(iter(table.values())).keys())
+    rows = []
+    for attack, by_eps in table.items():
+        rows.append([f"{attack} (defended)"] + [_pct(by_eps[e]["defended"]) for e in eps_keys])
+        if any("classifier" in by_eps[e] for e in eps_keys):
+            rows.append(
+                [f"{attack} (classifier alone)"]
+                + [_pct(by_eps[e].get("classifier")) for e in eps_keys]
+            )
+    n = next(iter(next(iter(table.values())).values())).get("n", "?")
+    return ["", f"## {title}", "", f"{n} examples.", "", _table(["attack \\ eps", *eps_keys], rows)]
+
+
+def _transfer_section(transfer):
+    if not transfer:
+        return []
+    names = list(transfer["matrix"])
+    rows = [[src] + [_pct(transfer["matrix"][src][t]) for t in names] for src in names]
+    return [
+        "",
+        f"## Transfer ({transfer['attack']}, eps {transfer['eps'] * 255:g}/255)",
+        "",
+        "Rows: the model the examples were made on; columns: the model evaluated.",
+        "",
+        _table(["source \\ target", *names], rows),
+    ]
+
+
+def _adaptive_section(rows):
+    if not rows:
+        return []
+    table = [
+        (r["eps"], r["a"], r["b"], r["only_a"], r["only_b"], f"{r['p_value']:.3g}", r["winner"])
+        for r in rows
+    ]
+    return [
+        "",
+        "## Which backward pass attacks best (white-box, BPDA, soft-routing surrogate)",
+        "",
+        "Paired on the same examples: fooled by A only / by B only, exact McNemar p; the winner "
+        "is the run that fools significantly more (p < 0.05), else neither.",
+        "",
+        _table(["eps", "A", "B", "A only", "B only", "p", "stronger"], table),
+    ]
 
 
 def _gradient_section(gradients):
@@ -174,12 +217,17 @@ def plot_accuracy_vs_eps(results, path):
     """Defended accuracy against eps, one line per threat model and attack."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for threat, table in results.get("threats", {}).items():
-        if threat == "gradient_free":
+        if threat.startswith("check_"):
             continue
         for attack, by_eps in table.items():
             xs = [_eps_value(e) for e in by_eps]
             ys = [100 * v["defended"] for v in by_eps.values()]
             ax.plot(xs, ys, marker="o", label=f"{threat}: {attack}")
+    headline = results.get("headline", {})
+    if headline:
+        xs = [_eps_value(e) for e in headline]
+        ys = [100 * h["robust_accuracy"] for h in headline.values()]
+        ax.plot(xs, ys, color="black", lw=2.5, marker="s", label="worst case (all attacks)")
     ax.axhline(100 * results["clean"]["defended"], color="gray", ls="--", label="clean")
     ax.set_xlabel("eps (/255)")
     ax.set_ylabel("defended accuracy (%)")

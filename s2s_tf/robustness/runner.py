@@ -163,18 +163,25 @@ def _check_args(spec, images, labels, eps, restarts, targeted, target_labels, cl
 
 
 def _step_size(spec, eps, steps, step_size):
+    """The step size to pass, or None to let the attack choose (APGD's 2 * eps, Square)."""
     if step_size is not None:
         return float(step_size)
     if "step_size" in spec.defaults:
         return float(spec.defaults["step_size"])
     if "step_size_factor" in spec.defaults:
         return spec.defaults["step_size_factor"] * eps / steps
-    return float(eps)
+    return None
 
 
-def _run_seed(seed, batch_index, run):
-    """Stateless seed of one run (restart) on one batch."""
-    return tf.constant([seed, batch_index + (run << 20)], tf.int64)
+def _example_seeds(seed, start, size, n, run):
+    """Stateless seeds [size, 2] of one run (restart): one per example, from its index.
+
+    An example's random start depends on (seed, its index in `images`, run) only,
+    not on the batch it lands in, so results do not change with the batch size
+    or the number of replicas sharing the examples.
+    """
+    index = np.minimum(np.arange(start, start + size), n - 1)
+    return tf.constant(np.stack([np.full(size, seed), index + (run << 32)], -1), tf.int64)
 
 
 def _strongest(runs, model_fn, y, targeted):
@@ -283,17 +290,16 @@ def run_attack(
         return images.copy()
     steps = spec.defaults.get("steps") if steps is None else steps
     eps_t = tf.constant(np.inf if eps is None else eps, tf.float32)
-    step_t = tf.constant(
-        _step_size(spec, 0.0 if eps is None else eps, steps, step_size), tf.float32
-    )
+    step = _step_size(spec, 0.0 if eps is None else eps, steps, step_size)
+    step_t = None if step is None else tf.constant(step, tf.float32)
     n_runs = restarts if spec.stochastic else 1
     batch_size = min(batch_size or DEFAULT_BATCH_SIZE, len(images))
     out = np.empty_like(images)
     batches = _padded_batches((images, attack_labels), batch_size)
-    for batch_index, (start, stop, (x, y)) in enumerate(batches):
+    for start, stop, (x, y) in batches:
         x_t, y_t = tf.constant(x), tf.constant(y)
         # Lazy generators: each run is scored before the next one starts.
-        seeds = (_run_seed(seed, batch_index, run) for run in range(n_runs))
+        seeds = (_example_seeds(seed, start, len(x), len(images), run) for run in range(n_runs))
         advs = (np.asarray(runner(x_t, y_t, eps_t, step_t, seed_t)) for seed_t in seeds)
         runs = (enforce_budget(spec, x, adv, eps, clip_min, clip_max) for adv in advs)
         best = next(runs) if n_runs == 1 else _strongest(runs, model_fn, y, targeted)
@@ -303,20 +309,26 @@ def run_attack(
     return out
 
 
+def predict(model_fn, images, batch_size=DEFAULT_BATCH_SIZE):
+    """The classes `model_fn` predicts for `images` (int [N]; compiled, cached)."""
+    images = np.asarray(images, np.float32)
+    if len(images) == 0:
+        return np.zeros([0], np.int64)
+    logits = _logits_fn(model_fn)
+    predictions = []
+    for start, stop, (x,) in _padded_batches((images,), min(batch_size, len(images))):
+        predictions.append(logits(tf.constant(x)).numpy().argmax(-1)[: stop - start])
+    return np.concatenate(predictions)
+
+
 def accuracy(model_fn, images, labels, batch_size=DEFAULT_BATCH_SIZE):
     """Fraction of `images` that `model_fn` classifies as `labels` (compiled, cached)."""
-    images = np.asarray(images, np.float32)
     labels = np.asarray(labels).reshape(-1)
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels.")
     if len(images) == 0:
         return float("nan")
-    predict = _logits_fn(model_fn)
-    correct = 0
-    for start, stop, (x,) in _padded_batches((images,), min(batch_size, len(images))):
-        pred = predict(tf.constant(x)).numpy().argmax(-1)[: stop - start]
-        correct += int(np.sum(pred == labels[start:stop]))
-    return correct / len(images)
+    return float(np.mean(predict(model_fn, images, batch_size) == labels))
 
 
 @tf.custom_gradient

@@ -5,12 +5,14 @@ its `AttackSpec` in `registry.ATTACKS`. A new attack is one module here that
 calls `registry.register(...)`, plus one import line below.
 """
 
+from s2s_tf.robustness.attacks import apgd  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import cw_l2  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import fgsm  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import mim  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import noise  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import pgd  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import spsa  # noqa: F401 (registers)
+from s2s_tf.robustness.attacks import square  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks.base import L2
 from s2s_tf.robustness.attacks.base import LINF
 from s2s_tf.robustness.attacks.registry import ATTACKS

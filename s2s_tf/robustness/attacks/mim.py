@@ -27,22 +27,23 @@ def mim(
     CleverHans' update (gradient normalised by its mean absolute value,
     accumulated with `decay_factor`, sign step) in a `tf.while_loop`; CleverHans'
     own function asserts on tensors and cannot be compiled. `step_size`
-    defaults to eps / steps, as in the paper.
+    defaults to eps / steps, as in the paper. Returns the best iterate per
+    example (see `base.best_iterate_loop`).
     """
     del seed
     x, y, eps, _ = base.prepare(x, y, eps, None)
     step_size = eps / steps if step_size is None else tf.cast(step_size, tf.float32)
     axes = list(range(1, len(x.shape)))
 
-    def body(i, adv, momentum):
-        grad = base.loss_gradient(model_fn, adv, y, targeted)
+    def update(adv, grad, state):
         grad /= tf.maximum(1e-12, tf.reduce_mean(tf.abs(grad), axes, keepdims=True))
-        momentum = decay_factor * momentum + grad
+        momentum = decay_factor * state[0] + grad
         adv = adv + optimize_linear(momentum, step_size, np.inf)
-        return i + 1, base.project(x, adv, eps, base.LINF, clip_min, clip_max), momentum
+        return base.project(x, adv, eps, base.LINF, clip_min, clip_max), (momentum,)
 
-    loop_vars = (tf.constant(0), x, tf.zeros_like(x))
-    return tf.while_loop(lambda i, *_: i < steps, body, loop_vars)[1]
+    return base.best_iterate_loop(
+        model_fn, x, y, x, update, steps, targeted=targeted, state=(tf.zeros_like(x),)
+    )
 
 
 registry.register(

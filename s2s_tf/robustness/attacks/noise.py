@@ -10,7 +10,7 @@ def testing(model_fn, x, y, eps, *, seed=None, clip_min=0.0, clip_max=1.0, **unu
     """Uniform random noise in the L-inf ball: a baseline and a fast test attack."""
     del model_fn, unused
     x, _, eps, seed = base.prepare(x, y, eps, seed)
-    noise = eps * tf.random.stateless_uniform(tf.shape(x), seed, -1.0, 1.0)
+    noise = eps * base.random_start(x, 1.0, base.LINF, seed)  # [2] or per-example seeds
     return tf.clip_by_value(x + noise, clip_min, clip_max)
 
 

@@ -26,8 +26,10 @@ def pgd(
 
     CleverHans' PGD step (`optimize_linear`, `clip_eta`) in a `tf.while_loop`,
     so the loop compiles to one graph of any length. `rand_init` starts from a
-    uniform point of the `norm` ball drawn with `seed`; without it this is BIM.
-    `step_size` defaults to 2.5 * eps / steps.
+    uniform point of the `norm` ball drawn with `seed` (int64 [2], or [N, 2]
+    per example); without it this is BIM. `step_size` defaults to
+    2.5 * eps / steps. Returns the best iterate per example (see
+    `base.best_iterate_loop`), not the last one.
     """
     x, y, eps, seed = base.prepare(x, y, eps, seed)
     step_size = 2.5 * eps / steps if step_size is None else tf.cast(step_size, tf.float32)
@@ -37,13 +39,11 @@ def pgd(
             x, x + base.random_start(x, eps, norm, seed), eps, norm, clip_min, clip_max
         )
 
-    def body(i, adv):
-        grad = base.loss_gradient(model_fn, adv, y, targeted)
+    def update(adv, grad, state):
         adv = adv + optimize_linear(grad, step_size, base.ORD[norm])
-        return i + 1, base.project(x, adv, eps, norm, clip_min, clip_max)
+        return base.project(x, adv, eps, norm, clip_min, clip_max), state
 
-    _, adv = tf.while_loop(lambda i, _: i < steps, body, (tf.constant(0), adv))
-    return adv
+    return base.best_iterate_loop(model_fn, x, y, adv, update, steps, targeted=targeted)
 
 
 def bim(model_fn, x, y, eps, **kwargs):

@@ -58,6 +58,8 @@ class AttackSpec:
       own_schedule: whether its iteration count means something else (CW's
         Adam steps per binary-search step, SPSA's gradient estimates), so an
         evaluation's common `steps` setting does not apply to it.
+      config_params: keyword parameters of `fn` that an evaluation sets from
+        its config: parameter name -> `EvalConfig` field name.
     """
 
     fn: Callable[..., Any]
@@ -72,6 +74,9 @@ class AttackSpec:
     eps_policy: str = "project"
     runner: Callable[..., Any] | None = None
     own_schedule: bool = False
+    config_params: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
 
     def __post_init__(self):
         if self.norm not in ORD:
@@ -79,6 +84,7 @@ class AttackSpec:
         if self.eps_policy not in ("project", "reject"):
             raise ValueError(f"eps_policy must be project or reject, got {self.eps_policy!r}.")
         object.__setattr__(self, "defaults", types.MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "config_params", types.MappingProxyType(dict(self.config_params)))
 
     @property
     def params(self):
