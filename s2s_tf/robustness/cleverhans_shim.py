@@ -162,18 +162,51 @@ def spsa(
             logits, label, nb_classes=logits.get_shape()[-1]
         )
 
-    return spsa_lib.projected_optimization(
-        loss_fn,
-        x,
-        y,
-        eps,
-        nb_iter,
-        optimizer,
-        clip_min,
-        clip_max,
-        early_stop_loss_threshold,
-        is_debug=is_debug,
+    del is_debug
+    return _projected_optimization_best(
+        loss_fn, x, y, eps, nb_iter, optimizer, clip_min, clip_max, early_stop_loss_threshold
     )
+
+
+def _projected_optimization_best(
+    loss_fn, x, label, eps, num_steps, optimizer, clip_min, clip_max, early_stop_threshold
+):
+    """CleverHans' `projected_optimization` that returns the best iterate, not the last.
+
+    The same loop (uniform random start, SPSA-Adam step, projection onto the
+    L-inf ball and the clip range, early stop once the loss is below
+    `early_stop_threshold`), but the loss of every iterate is computed and the
+    perturbation with the lowest loss is returned: an iterate that fooled the
+    model (loss < 0) is never traded for a later one that does not.
+    """
+
+    def project(perturbation):
+        perturbation = tf.clip_by_value(perturbation, -eps, eps)
+        return tf.clip_by_value(x + perturbation, clip_min, clip_max) - x
+
+    def loss_at(perturbation):
+        return tf.reduce_mean(loss_fn(x + perturbation, label), axis=0)
+
+    start = project(tf.random.uniform(tf.shape(x), -eps, eps, dtype=x.dtype))
+    init_state = optimizer.init_state([start])
+
+    def body(i, perturbation, flat_state, best, best_loss):
+        state = tf.nest.pack_sequence_as(init_state, flat_state)
+        new, state = optimizer.minimize(lambda p: loss_fn(x + p, label), [perturbation], state)
+        perturbation = project(new[0])
+        loss = loss_at(perturbation)
+        better = loss < best_loss
+        best = tf.where(better, perturbation, best)
+        best_loss = tf.where(better, loss, best_loss)
+        if early_stop_threshold is not None:
+            i = tf.where(best_loss < early_stop_threshold, float(num_steps), i)
+        return i + 1, perturbation, tf.nest.flatten(state), best, best_loss
+
+    loop_vars = (tf.constant(0.0), start, tf.nest.flatten(init_state), start, loss_at(start))
+    best = tf.while_loop(
+        lambda i, *_: i < num_steps, body, loop_vars, maximum_iterations=num_steps
+    )[3]
+    return tf.stop_gradient(x + best)
 
 
 @dataclasses.dataclass
