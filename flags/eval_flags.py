@@ -29,6 +29,7 @@ def define_eval_flags():
     flags.DEFINE_string("output_dir", None, "Report directory; default <workdir>/eval_report.")
     config_flags.define(evaluation.EvalConfig)
     config_flags.define(eval_lib.EvalRunConfig)
+    common_flags.define_strategy_flags()
 
     @flags.multi_flags_validator(
         ["workdir", "defended_path", "autoencoder_path", "classifier_path"],

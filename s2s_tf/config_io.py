@@ -158,6 +158,24 @@ def unparse_stage_widths(widths):
     return STAGE_SEPARATOR.join(",".join(str(w) for w in stage) for stage in widths)
 
 
+def parse_count(text, name="num_examples"):
+    """Parses a positive count, or "all" (None: no limit)."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--{name} must be a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"--{name} must be a positive integer or 'all', got {text!r}")
+    return value
+
+
+def unparse_count(value):
+    """None -> "all"; 500 -> "500"."""
+    return "all" if value is None else str(value)
+
+
 def parse_eps_list(text):
     """Parses "2/255,4/255,0.03" into floats in [0, 1] (pixel units).
 

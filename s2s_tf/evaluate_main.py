@@ -1,7 +1,11 @@
 r"""Binary: robustness evaluation of an S2SNet-defended classifier, with a report.
 
-  s2s_evaluate --workdir=/tmp/s2s --dataset=fashion_mnist \
-      --attacks=fgsm,pgd --eps=2/255,4/255,8/255,16/255 --num_examples=500
+  s2s_evaluate --workdir=/tmp/s2s --dataset=fashion_mnist --attack_preset=standard
+  s2s_evaluate --workdir=/tmp/s2s --dataset=fashion_mnist --num_cpu_devices=2 --num_examples=all
+
+Attacks run on every replica of --strategy (and every worker with
+--strategy=multi_worker), in shards under <output_dir>/shards: rerunning an
+interrupted command continues where it stopped.
 
 Reads <workdir>/stage2/defended.keras (or --defended_path, or --autoencoder_path
 with --classifier_path) and writes robustness.json, report.md, plots and
@@ -55,8 +59,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = config_from_flags()
     config.validate()
+    # Devices and collectives are configured before TensorFlow runs its first op.
+    strategy = common_flags.strategy_from_flags()
     outdir = FLAGS.output_dir or constants.eval_report_dir(FLAGS.workdir)
-    eval_lib.evaluate(config, outdir, progress=logging.info)
+    eval_lib.evaluate(config, outdir, progress=logging.info, strategy=strategy)
 
 
 def run():

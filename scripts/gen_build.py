@@ -38,6 +38,11 @@ TEST_EXTRAS = {
         "The workers run tests/distributed_worker.py in subprocesses.",
         '[":distributed_worker"]',
     ),
+    "distributed_eval_test": (
+        "large",
+        "The replicas and workers run tests/distributed_eval_worker.py in subprocesses.",
+        '[":distributed_eval_worker"]',
+    ),
     "eval_lib_test": (
         "medium",
         "Runs `python -m s2s_tf.evaluate_main` in a subprocess.",
@@ -198,10 +203,10 @@ def generate():
             srcs = ["bench/bench_util.py", path]
             deps = sorted(set(_deps(srcs[0], owner, known) + _deps(path, owner, known)))
             blocks.append(_rule("py_binary", f"bench_{name}", srcs, deps, main=path))
-    worker = "tests/distributed_worker.py"
-    blocks.append(
-        _rule("py_binary", "distributed_worker", [worker], _deps(worker, owner, known), main=worker)
-    )
+    for worker in ("tests/distributed_worker.py", "tests/distributed_eval_worker.py"):
+        name = os.path.basename(worker)[: -len(".py")]
+        deps = _deps(worker, owner, known)
+        blocks.append(_rule("py_binary", name, [worker], deps, main=worker))
     for test in sorted(os.listdir(os.path.join(ROOT, "tests"))):
         if not test.endswith("_test.py"):
             continue

@@ -24,6 +24,8 @@ from s2s_tf.robustness import checks as checks_lib
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import gradient_analysis
 from s2s_tf.robustness import report
+from s2s_tf.robustness import sharded as sharded_lib
+from s2s_tf.train import distribute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,11 @@ class EvalRunConfig:
         for path in paths:
             if path and not os.path.exists(path):
                 raise FileNotFoundError(f"model file not found: {path}")
+
+
+def _model_paths(config):
+    paths = [config.defended_path, config.autoencoder_path, config.classifier_path]
+    return paths + [path for _, path in config.transfer_classifiers]
 
 
 def load_models(config):
@@ -140,19 +147,36 @@ def _tensorboard(outdir, results, gradients):
     writer.flush()
 
 
-def evaluate(config, outdir, progress=logging.info):
+def evaluate(config, outdir, progress=logging.info, strategy=None):
     """Runs the whole evaluation and writes the report; returns the report document.
 
     Args:
       config: an `EvalRunConfig`.
       outdir: where the report goes (e.g. `<workdir>/eval_report`).
       progress: callable(str) told about each unit of work.
+      strategy: a `tf.distribute.Strategy` to run the attacks on every replica
+        (and worker), in resumable shards under `<outdir>/shards`; None runs
+        them in this process, batch by batch. Under a multi-worker strategy
+        every worker runs this and only the chief writes the report.
 
     Returns:
       The dict written to `robustness.json`.
     """
     config.validate()
-    models, defended, purifier = load_models(config)
+    sharded = None
+    if strategy is not None:
+        with strategy.scope():
+            models, defended, purifier = load_models(config)
+        sharded = sharded_lib.ShardedAttacks(
+            strategy,
+            config.attack.batch_size,
+            config.attack.seed,
+            shard_dir=os.path.join(outdir, "shards"),
+            model_key=sharded_lib.file_fingerprint(_model_paths(config)),
+            progress=progress,
+        )
+    else:
+        models, defended, purifier = load_models(config)
     data = dataclasses.replace(
         config.data,
         num_examples=config.data.num_examples or config.attack.num_examples,
@@ -160,7 +184,7 @@ def evaluate(config, outdir, progress=logging.info):
         image_size=tuple(defended.input_shape[1:3]),
     )
     images, labels = data_lib.load_numpy(data)
-    evaluator = evaluation.Evaluator(models, images, labels, config.attack, progress)
+    evaluator = evaluation.Evaluator(models, images, labels, config.attack, progress, sharded)
     results = evaluator.run()
     checks = checks_lib.sanity_checks(results, config.attack)
     progress(f"gradient analysis on {min(config.gradient_examples, len(images))} examples")
@@ -178,6 +202,8 @@ def evaluate(config, outdir, progress=logging.info):
         "gradients": gradients,
         "gradient_analysis": analysis["metrics"],
     }
+    if strategy is not None and not distribute.is_chief(strategy):
+        return document
     paths = report.write_report(document, outdir, examples=examples, histograms=histograms)
     _tensorboard(outdir, results, gradients)
     failed = [c["name"] for c in checks if c["passed"] is False]
@@ -187,12 +213,16 @@ def evaluate(config, outdir, progress=logging.info):
 
 def _example_rows(evaluator, purifier, analysis):
     """Rows of the example figure: clean, adversarial, reconstruction, gradient."""
-    k = 4
+    k, config = 4, evaluator.config
+    eps = max(config.eps)
     rows = {"clean": evaluator.images[:k]}
-    white = [name for name in evaluator.examples if name.startswith("white_box")]
-    key = "white_box/pgd" if "white_box/pgd" in white else next(iter(white), None)
-    if key:
-        rows[f"adversarial ({key})"] = evaluator.examples[key][:k]
+    key = evaluation.run_key("white_box", config.check_attack, eps)
+    adversarial = evaluator.examples.get(key)
+    if adversarial is None:  # sharded runs keep no images: remake the first few here
+        adversarial = evaluator.attack(
+            config.check_attack, evaluator.models.defended, eps, evaluator.images[:k]
+        )
+    rows[f"adversarial ({key})"] = adversarial[:k]
     rows["reconstruction"] = np.asarray(purifier(evaluator.images[:k], training=False))
     gradient = analysis["examples"]["loss_gradients"].get("defended")
     if gradient is not None and len(gradient) >= k:

@@ -45,7 +45,7 @@ class EvalConfig:
       gradient_free_attacks: attacks of the gradient-free threat model.
       eps: L-inf budgets in [0, 1] pixel units (L2 attacks scale them, see `l2_eps_scale`).
       threat_models: names of `threat_models.THREATS`.
-      num_examples: evaluation examples.
+      num_examples: evaluation examples (None: all of them).
       batch_size: attack batch size.
       steps: iterations of the iterative gradient attacks.
       restarts: random restarts of the stochastic attacks.
@@ -85,7 +85,12 @@ class EvalConfig:
         "Threat models to evaluate.",
         choices=tuple(threat_models.THREATS),
     )
-    num_examples: int = setting(500, "Examples attacked.", lower_bound=1)
+    num_examples: int | None = setting(
+        500,
+        "Examples attacked (the first of the split), or 'all' for the whole split.",
+        parse=config_io.parse_count,
+        unparse=config_io.unparse_count,
+    )
     batch_size: int = 100
     steps: int = setting(100, "Iterations of the iterative gradient attacks.", lower_bound=1)
     restarts: int = setting(1, "Random restarts of the stochastic attacks.", lower_bound=1)
@@ -121,7 +126,9 @@ class EvalConfig:
             threat_models.get(name)
         if not self.eps or any(not 0 <= e <= 1 for e in self.eps):
             raise ValueError(f"eps must be non-empty values in [0, 1], got {self.eps}")
-        for name in ("num_examples", "batch_size", "steps", "restarts", "gradient_free_examples"):
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ValueError(f"num_examples must be >= 1 or None (all), got {self.num_examples}")
+        for name in ("batch_size", "steps", "restarts", "gradient_free_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -164,11 +171,14 @@ class Evaluator:
       labels: int [N].
       config: an `EvalConfig`.
       progress: callable(str) told about each unit of work (e.g. logging.info).
+      sharded: a `sharded.ShardedAttacks` to run the attacks on a `tf.distribute`
+        strategy in resumable shards; None runs them here, batch by batch.
     """
 
-    def __init__(self, models, images, labels, config, progress=logging.info):
+    def __init__(self, models, images, labels, config, progress=logging.info, sharded=None):
         config.validate()
         self.models, self.config, self.progress = models, config, progress
+        self.sharded = sharded
         self.images = np.asarray(images[: config.num_examples], np.float32)
         self.labels = np.asarray(labels[: config.num_examples])
         self.results = {
@@ -196,11 +206,7 @@ class Evaluator:
         labels = self.labels[: len(images)] if labels is None else labels
         spec, config = attacks_lib.get_spec(name), self.config
         eps = spec.budget(eps, images.shape[1:], config.l2_eps_scale)
-        params = {"restarts": config.restarts}
-        if not spec.own_schedule:
-            params["steps"] = config.steps
-        params.update({p: getattr(config, f) for p, f in spec.config_params.items()})
-        params.update(overrides)
+        params = self._params(spec, overrides)
         start = time.perf_counter()
 
         def batch_done(done, total):
@@ -222,6 +228,43 @@ class Evaluator:
         timing = self.results["timing"]
         timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
         return adversarial
+
+    def run_attack(self, key, name, source, eps, images, labels, scored, **overrides):
+        """Per scored model, whether it classifies each adversarial example correctly.
+
+        Args:
+          key: the run's key (`run_key`), for shards and the report's examples.
+          name: the attack.
+          source: the model_fn the attack runs on.
+          eps: the L-inf budget of the evaluation (L2 attacks scale it).
+          images: the clean images attacked.
+          labels: their labels.
+          scored: dict name -> model_fn scored on the adversarial examples.
+          **overrides: attack parameters (steps, restarts, ...).
+
+        Returns:
+          A dict name -> bool [n].
+        """
+        if self.sharded is None:
+            adversarial = self.attack(name, source, eps, images, labels, **overrides)
+            self.examples[key] = adversarial[:4]
+            return {k: self.correct(m, adversarial, labels) for k, m in scored.items()}
+        spec, start = attacks_lib.get_spec(name), time.perf_counter()
+        budget = spec.budget(eps, images.shape[1:], self.config.l2_eps_scale)
+        params = self._params(spec, overrides)
+        correct = self.sharded.correct(name, source, scored, images, labels, budget, params, key)
+        timing = self.results["timing"]
+        timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
+        return correct
+
+    def _params(self, spec, overrides):
+        config = self.config
+        params = {"restarts": config.restarts}
+        if not spec.own_schedule:
+            params["steps"] = config.steps
+        params.update({p: getattr(config, f) for p, f in spec.config_params.items()})
+        params.update(overrides)
+        return params
 
     def record(self, threat, attack, eps, correct, row=None):
         """Stores one run: its per-example results and its accuracy row."""
@@ -259,21 +302,19 @@ class Evaluator:
         for name in threat.attacks(config):
             own_schedule = attacks_lib.get_spec(name).own_schedule
             overrides = {"steps": threat.steps(config)} if threat.steps and not own_schedule else {}
+            scored = {"defended": self.models.defended}
+            if threat.score_classifier:
+                scored["classifier"] = self.models.classifier
             for eps in config.eps:
                 self.progress(f"{threat.name}: {name} eps={eps_key(eps)} on {n} examples")
-                adversarial = self.attack(name, source, eps, images, labels, **overrides)
-                row = {}
-                if threat.score_classifier:
-                    row["classifier"] = self.accuracy(self.models.classifier, adversarial, labels)
-                self.record(
-                    threat.name,
-                    name,
-                    eps,
-                    self.correct(self.models.defended, adversarial, labels),
-                    row,
+                key = run_key(threat.name, name, eps)
+                correct = self.run_attack(
+                    key, name, source, eps, images, labels, scored, **overrides
                 )
-                if eps == max(config.eps):
-                    self.examples[f"{threat.name}/{name}"] = adversarial[:4]
+                row = {}
+                if "classifier" in correct:
+                    row["classifier"] = float(np.mean(correct["classifier"]))
+                self.record(threat.name, name, eps, correct["defended"], row)
 
     def _transfer(self):
         """Matrix source -> target of accuracy on examples made on the source."""
@@ -284,15 +325,13 @@ class Evaluator:
         matrix = {}
         for source_name, source in named.items():
             self.progress(f"transfer: {config.transfer_attack} on {source_name}")
-            adversarial = self.attack(config.transfer_attack, source, eps)
-            row = {}
-            for target_name, target in named.items():
-                correct = self.correct(target, adversarial)
-                row[target_name] = float(np.mean(correct))
-                if target_name == "defended" and source_name != "defended":
-                    key = f"transfer/{config.transfer_attack}@{source_name}/{eps_key(eps)}"
-                    self.results["per_example"][key] = [int(c) for c in correct]
-            matrix[source_name] = row
+            key = f"transfer/{config.transfer_attack}@{source_name}/{eps_key(eps)}"
+            correct = self.run_attack(
+                key, config.transfer_attack, source, eps, self.images, self.labels, named
+            )
+            matrix[source_name] = {target: float(np.mean(c)) for target, c in correct.items()}
+            if source_name != "defended":
+                self.results["per_example"][key] = [int(c) for c in correct["defended"]]
         return {"attack": config.transfer_attack, "eps": eps, "matrix": matrix}
 
     def _check_runs(self):
@@ -302,15 +341,17 @@ class Evaluator:
         self.progress(
             f"check runs: {attack} at eps={eps_key(config.large_eps)}, more steps/restarts"
         )
-        adversarial = self.attack(attack, defended, config.large_eps)
-        self.record(
-            "check_large_eps", attack, config.large_eps, self.correct(defended, adversarial)
-        )
+        runs = [("check_large_eps", config.large_eps, {})]
         for eps in config.eps:
-            more_steps = self.attack(attack, defended, eps, steps=2 * config.steps)
-            self.record("check_more_steps", attack, eps, self.correct(defended, more_steps))
-            restarts = self.attack(attack, defended, eps, restarts=config.restarts + 2)
-            self.record("check_restarts", attack, eps, self.correct(defended, restarts))
+            runs.append(("check_more_steps", eps, {"steps": 2 * config.steps}))
+            runs.append(("check_restarts", eps, {"restarts": config.restarts + 2}))
+        scored = {"defended": defended}
+        for name, eps, overrides in runs:
+            key = run_key(name, attack, eps)
+            correct = self.run_attack(
+                key, attack, defended, eps, self.images, self.labels, scored, **overrides
+            )
+            self.record(name, attack, eps, correct["defended"])
 
 
 def headline(results, eps_list):

@@ -162,7 +162,7 @@ def _check_args(spec, images, labels, eps, restarts, targeted, target_labels, cl
         raise ValueError(f"images must lie in [clip_min, clip_max] = [{clip_min}, {clip_max}].")
 
 
-def _step_size(spec, eps, steps, step_size):
+def step_size_for(spec, eps, steps, step_size=None):
     """The step size to pass, or None to let the attack choose (APGD's 2 * eps, Square)."""
     if step_size is not None:
         return float(step_size)
@@ -290,7 +290,7 @@ def run_attack(
         return images.copy()
     steps = spec.defaults.get("steps") if steps is None else steps
     eps_t = tf.constant(np.inf if eps is None else eps, tf.float32)
-    step = _step_size(spec, 0.0 if eps is None else eps, steps, step_size)
+    step = step_size_for(spec, 0.0 if eps is None else eps, steps, step_size)
     step_t = None if step is None else tf.constant(step, tf.float32)
     n_runs = restarts if spec.stochastic else 1
     batch_size = min(batch_size or DEFAULT_BATCH_SIZE, len(images))

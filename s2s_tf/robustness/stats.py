@@ -96,3 +96,57 @@ def compare(correct_a, correct_b, alpha=ALPHA):
         "a_stronger": significant and only_a > only_b,
         "decidable": only_a + only_b >= min_discordant_for_significance(alpha),
     }
+
+
+# Resample rows per vectorised bootstrap chunk, times the sample size: bounds memory.
+_BOOTSTRAP_CELLS = 1 << 22
+
+
+def mean_statistic(values):
+    """The mean over the last axis (a `bootstrap` statistic)."""
+    return np.mean(values, axis=-1)
+
+
+def median_statistic(values):
+    """The median over the last axis (a `bootstrap` statistic)."""
+    return np.median(values, axis=-1)
+
+
+def ratio_of_means(numerator, denominator):
+    """sum(numerator) / sum(denominator) over the last axis (a paired `bootstrap` statistic)."""
+    return np.sum(numerator, axis=-1) / np.sum(denominator, axis=-1)
+
+
+def bootstrap(statistic, *samples, num_resamples=1000, seed=0, confidence=0.95):
+    """The percentile-bootstrap interval of a statistic of per-example samples.
+
+    Examples are resampled with replacement, jointly across `samples`, so paired
+    samples (two models on the same images) stay paired.
+
+    Args:
+      statistic: callable(*arrays) reducing the last axis, e.g. `mean_statistic`.
+      *samples: one or more [N] arrays, entry i belonging to example i.
+      num_resamples: bootstrap resamples.
+      seed: seeds the resampling, so the interval is reproducible.
+      confidence: the interval's coverage.
+
+    Returns:
+      {"estimate": statistic on the samples, "interval": [low, high]} (floats).
+
+    Raises:
+      ValueError: for no samples, empty or unequal-length samples.
+    """
+    samples = [np.asarray(s, np.float64).reshape(-1) for s in samples]
+    if not samples or len(samples[0]) == 0:
+        raise ValueError("bootstrap needs at least one non-empty sample")
+    n = len(samples[0])
+    if any(len(s) != n for s in samples):
+        raise ValueError(f"paired samples differ in length: {[len(s) for s in samples]}")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CELLS // n)
+    values = []
+    for start in range(0, num_resamples, chunk):
+        index = rng.integers(0, n, size=(min(chunk, num_resamples - start), n))
+        values.append(statistic(*(s[index] for s in samples)))
+    low, high = np.quantile(np.concatenate(values), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"estimate": float(statistic(*samples)), "interval": [float(low), float(high)]}

@@ -140,6 +140,8 @@ class Trainer:
         """
         loop.validate()
         distribute.check_global_batch(train_data.global_batch_size, strategy)
+        if eval_data is not None:  # fail now, not after hours of training
+            distribute.check_global_batch(eval_data.global_batch_size, strategy)
         self.stage, self.strategy, self.loop = stage, strategy, loop
         self.train_data, self.eval_data = train_data, eval_data
         self.stage_dir = os.path.join(workdir, stage.name)
@@ -161,7 +163,7 @@ class Trainer:
         self._train_sums = _accumulators(("examples", *stage.train_keys))
         self._eval_sums = _accumulators(("examples", *stage.eval_keys))
         self._train_loop = self._make_train_loop()
-        self._eval_step = self._make_eval_step()
+        self._eval_loops = {}  # per-replica batch size -> compiled eval loop
         writer = tf.summary.create_file_writer if self.is_chief else _noop_writer
         self.train_writer = writer(os.path.join(workdir, "train", stage.name))
         self.eval_writer = writer(os.path.join(workdir, "eval", stage.name))
@@ -209,32 +211,61 @@ class Trainer:
 
         return train_loop
 
-    def _make_eval_step(self):
+    def _make_eval_loop(self, per_replica_batch):
+        """A compiled loop that adds every batch of an eval iterator to the eval sums.
+
+        The last global batch of a split leaves some replicas a short or empty batch
+        (and a worker whose shard ran out gets empty ones). Each replica pads its batch
+        to `per_replica_batch` rows and masks the padding out of the sums and of the
+        example count, so all run the same shapes and the means are one device's.
+        """
+
         def replica_eval(images, labels):
+            images, labels, valid = _pad_to(images, labels, per_replica_batch)
+            outputs = self.stage.eval_outputs(images, labels)
+            # tf.where, not a product: a padded all-zero image may give inf or NaN
+            # (e.g. PSNR), and NaN * 0 is NaN.
             sums = {
-                k: tf.reduce_sum(tf.cast(v, tf.float32))
-                for k, v in self.stage.eval_outputs(images, labels).items()
+                k: tf.reduce_sum(tf.where(valid, tf.cast(v, tf.float32), 0.0))
+                for k, v in outputs.items()
             }
-            sums["examples"] = tf.cast(tf.shape(images)[0], tf.float32)
+            sums["examples"] = tf.reduce_sum(tf.cast(valid, tf.float32))
             return sums
 
+        # The loop runs in the graph: called per batch from Python, the step would be traced
+        # again for every new combination of per-replica batch shapes.
         @tf.function
-        def eval_step(batch):
-            per_replica = self.strategy.run(replica_eval, args=batch)
-            _accumulate(self.strategy, self._eval_sums, per_replica)
+        def eval_loop(iterator):
+            for batch in iterator:
+                per_replica = self.strategy.run(replica_eval, args=batch)
+                _accumulate(self.strategy, self._eval_sums, per_replica)
 
-        return eval_step
+        return eval_loop
 
-    def evaluate(self):
-        """Runs the stage's eval outputs over the eval split; returns means per example."""
-        if self.eval_data is None or not self.stage.eval_keys:
+    def evaluate(self, eval_data=None):
+        """Means over an eval split of the stage's eval outputs, each example counted once.
+
+        Args:
+          eval_data: the split (a `data.DataConfig`); defaults to the trainer's.
+
+        Returns:
+          Per-example means keyed by the stage's `eval_keys` (empty without a split).
+
+        Raises:
+          ValueError: when the global batch does not split over the replicas.
+        """
+        eval_data = self.eval_data if eval_data is None else eval_data
+        if eval_data is None or not self.stage.eval_keys:
             return {}
+        distribute.check_global_batch(eval_data.global_batch_size, self.strategy)
+        per_replica = eval_data.global_batch_size // self.strategy.num_replicas_in_sync
+        if per_replica not in self._eval_loops:
+            self._eval_loops[per_replica] = self._make_eval_loop(per_replica)
         _reset(self._eval_sums)
         dataset = self.strategy.distribute_datasets_from_function(
-            data_lib.make_dataset_fn(self.eval_data, training=False)
+            data_lib.make_dataset_fn(eval_data, training=False)
         )
-        for batch in dataset:
-            self._eval_step(batch)
+        self._eval_loops[per_replica](iter(dataset))
         results = _means(self._eval_sums)
         with self.eval_writer.as_default(step=self.step):
             for key, value in results.items():
@@ -356,6 +387,22 @@ def _dtype_policy(mixed_precision):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def _pad_to(images, labels, size):
+    """Pads a batch of at most `size` rows (maybe none) to exactly `size` rows.
+
+    Returns:
+      `(images, labels, valid)`: the padded batch (zero images, label 0) and a
+      bool `[size]` that is True for the real rows.
+    """
+    count = tf.shape(images)[0]
+    padding = [[0, size - count]]
+    images = tf.pad(images, padding + [[0, 0]] * (images.shape.rank - 1))
+    images = tf.ensure_shape(images, [size, *images.shape[1:]])
+    labels = tf.pad(labels, padding)
+    valid = tf.range(size) < count
+    return images, tf.ensure_shape(labels, [size]), valid
 
 
 def _accumulators(keys):

@@ -1,0 +1,250 @@
+"""Counterfactual test of the paper's claim 2: do S2SNet gradients lose class signal?
+
+Folz et al. claim that an S2SNet's input gradients carry less class-dependent
+signal and follow low-level structure (edges). Comparing the S2SNet with the
+classifier alone cannot separate the stage-2 training from the mere presence of
+an autoencoder, so the claim is tested against every counterfactual given: the
+classifier alone and the stage-1 autoencoder + classifier (reconstruction only).
+Every model sees the same images, and the class gradients of every model are
+taken for the same classes (the reference model's top-k per image), so a
+difference between models cannot come from comparing different classes.
+
+Class specificity is the mean pairwise cosine similarity of the gradients of
+the centred logits z_c - mean_k z_k (higher = less class-specific). Centring
+removes the gradient of the mean logit, a direction every class shares that
+does not change any prediction; without it a model could look "class-agnostic"
+only because of that shared part. Structure alignment is the correlation of
+|gradient| with the Sobel edge magnitude, averaged over the same classes.
+
+Each statistic gets a seeded percentile-stats.bootstrap interval over images, and the
+subject's paired difference to each counterfactual gets one too. The verdict
+follows from those intervals alone (`claim_verdict`). The intervals cover the
+sampling of images for fixed weights only: two autoencoders trained from
+different seeds can differ too, which these intervals do not include. The
+gradient statistics themselves come from `gradient_analysis`.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from s2s_tf.robustness import gradient_analysis as ga
+from s2s_tf.robustness import stats
+
+SUPPORTED = "supported"
+CONTRADICTED = "contradicted"
+NOT_SUPPORTED = "not supported by these data (interval includes 0)"
+
+# Claims tested: key -> (statistic's description, the claimed sign of subject - counterfactual).
+CLAIMS = {
+    "class_specificity": (
+        "the S2SNet's input gradients carry less class-dependent signal "
+        "(higher mean cosine similarity between centred class-logit gradients)",
+        +1,
+    ),
+    "structure_alignment": (
+        "the S2SNet's input gradients follow low-level structure "
+        "(higher correlation of |gradient| with the Sobel edge magnitude)",
+        +1,
+    ),
+}
+
+
+def claim_verdict(intervals, direction):
+    """The status of a claim from intervals of subject - counterfactual differences.
+
+    Args:
+      intervals: {counterfactual name: (low, high)} of the subject's difference.
+      direction: +1 if the claim says the subject is higher, -1 if lower.
+
+    Returns:
+      `SUPPORTED` when every interval excludes 0 in the claimed direction,
+      `CONTRADICTED` when any excludes 0 in the opposite direction, else
+      `NOT_SUPPORTED`.
+
+    Raises:
+      ValueError: for no intervals or a direction other than +1 / -1.
+    """
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be +1 or -1, got {direction}")
+    if not intervals:
+        raise ValueError("a claim needs at least one counterfactual")
+    signed = [sorted((direction * low, direction * high)) for low, high in intervals.values()]
+    if any(high < 0 for _, high in signed):
+        return CONTRADICTED
+    if all(low > 0 for low, _ in signed):
+        return SUPPORTED
+    return NOT_SUPPORTED
+
+
+def evaluate_claim(per_image, subject, statement, direction, **bootstrap_args):
+    """Intervals per model, paired differences and the verdict of one claim.
+
+    Args:
+      per_image: {model name: [N] per-image statistic}, the same images for all.
+      subject: the model the claim is about; all others are its counterfactuals.
+      statement: what the claim says, for the verdict sentence.
+      direction: +1 if the claim says the subject's statistic is higher, -1 if lower.
+      **bootstrap_args: num_resamples, seed, confidence (see `stats.bootstrap`).
+
+    Returns:
+      {"statement", "direction": "higher" | "lower", "models": {name: {"estimate",
+      "interval"}}, "differences": {"<subject> - <name>": {"estimate", "interval"}},
+      "status": one of SUPPORTED / CONTRADICTED / NOT_SUPPORTED, "verdict": one sentence}.
+
+    Raises:
+      ValueError: when the subject is missing or has no counterfactual.
+    """
+    if subject not in per_image or len(per_image) < 2:
+        raise ValueError(f"need {subject!r} and a counterfactual, got {sorted(per_image)}")
+    values = {name: np.asarray(v, np.float64) for name, v in per_image.items()}
+    models = {
+        name: stats.bootstrap(stats.mean_statistic, v, **bootstrap_args)
+        for name, v in values.items()
+    }
+    differences = {
+        f"{subject} - {name}": stats.bootstrap(
+            stats.mean_statistic, values[subject] - v, **bootstrap_args
+        )
+        for name, v in values.items()
+        if name != subject
+    }
+    status = claim_verdict({k: d["interval"] for k, d in differences.items()}, direction)
+    details = "; ".join(
+        f"{key} = {d['estimate']:+.4f} [{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]"
+        for key, d in differences.items()
+    )
+    return {
+        "statement": statement,
+        "direction": "higher" if direction > 0 else "lower",
+        "models": models,
+        "differences": differences,
+        "status": status,
+        "verdict": f"That {statement} is {status}: {details} (mean over images, bootstrap CI).",
+    }
+
+
+def centred_logits(model_fn):
+    """A model_fn returning the centred logits z_c - mean_k z_k of `model_fn`."""
+
+    def centred(x):
+        logits = tf.cast(model_fn(x), tf.float32)
+        return logits - tf.reduce_mean(logits, axis=-1, keepdims=True)
+
+    return centred
+
+
+def centred_class_gradients(model_fn, images, classes, batch_size=32):
+    """Gradients of the centred logits z_c - mean_k z_k of the given classes.
+
+    Args:
+      model_fn: callable mapping float32 [B, H, W, C] images in [0, 1] to logits.
+      images: [N, H, W, C] images.
+      classes: [K] or [N, K] class indices.
+      batch_size: images per compiled gradient computation.
+
+    Returns:
+      [N, K, H, W, C] float32 numpy array; entry [i, k] is
+      d (z[classes[i, k]] - mean_j z[j]) / d images[i].
+    """
+    return ga.class_logit_gradients(
+        centred_logits(model_fn), images, classes=classes, batch_size=batch_size
+    )
+
+
+def _per_image_statistics(model_fn, images, classes, batch_size):
+    """Per-image class specificity and structure alignment on the given classes."""
+    # One wrapper for all chunks, so the compiled gradient function is traced once.
+    centred = centred_logits(model_fn)
+    specificity, alignment = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = slice(start, start + batch_size)
+        grads = ga.class_logit_gradients(
+            centred, images[chunk], classes=classes[chunk], batch_size=batch_size
+        )
+        specificity.extend(ga.class_specificity(grads)["per_image"])
+        per_class = [
+            ga.structure_alignment(grads[:, k], images[chunk])["per_image"]
+            for k in range(grads.shape[1])
+        ]
+        alignment.extend(np.mean(per_class, axis=0).tolist())
+    return {"class_specificity": specificity, "structure_alignment": alignment}
+
+
+def _check_models(models, images, subject, reference, top_k):
+    """Validates the model names and top_k against the models' logits."""
+    for role, name in (("subject", subject), ("reference", reference)):
+        if name not in models:
+            raise ValueError(f"{role} {name!r} is not among the models {sorted(models)}")
+    if len(models) < 2:
+        raise ValueError("a counterfactual analysis needs at least two models")
+    widths = {name: ga.predict_logits(fn, images[:1]).shape[-1] for name, fn in models.items()}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"the models disagree on the number of classes: {widths}")
+    num_classes = widths[reference]
+    # All C centred gradients sum to zero, which would pin their mean cosine near -1/(C-1).
+    if not 2 <= top_k < num_classes:
+        raise ValueError(f"top_k must be in [2, {num_classes - 1}], got {top_k}")
+
+
+def counterfactual_analysis(
+    models,
+    images,
+    subject="s2s",
+    reference="classifier",
+    top_k=3,
+    batch_size=32,
+    num_resamples=1000,
+    seed=0,
+    confidence=0.95,
+):
+    """Tests claim 2 (class-agnostic, structure-following gradients) against counterfactuals.
+
+    Args:
+      models: {name: model_fn}, each mapping float32 [B, H, W, C] images in
+        [0, 1] to logits over the same classes, e.g. {"classifier": c,
+        "reconstruction": stage-1 AE + c, "s2s": stage-2 S2SNet}.
+      images: [N, H, W, C] float32 images in [0, 1] (>= 256 for a real test).
+      subject: the model the claim is about; every other model is a counterfactual.
+      reference: the model whose top-k classes per image are the class set of
+        every model (the classifier alone).
+      top_k: classes compared per image, 2 <= top_k < number of classes.
+      batch_size: images per compiled gradient computation.
+      num_resamples, seed, confidence: of the stats.bootstrap intervals.
+
+    Returns:
+      A JSON-serialisable dict: "num_images", "image_shape", "subject",
+      "reference", "top_k", "classes" ([N][K] ints, shared by all models),
+      "stats.bootstrap" ({"num_resamples", "seed", "confidence"}), "per_image"
+      ({statistic: {model: [N] floats}}) and "claims" ({statistic: the dict of
+      `evaluate_claim`}) for "class_specificity" and "structure_alignment".
+
+    Raises:
+      ValueError: for images not [N, H, W, C], unknown subject / reference
+        names, a single model, models with different numbers of classes, or
+        top_k out of range.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    _check_models(models, images, subject, reference, top_k)
+    classes = ga.top_k_classes(models[reference], images, top_k, batch_size)
+    per_image = {key: {} for key in CLAIMS}
+    for name, model_fn in models.items():
+        for key, values in _per_image_statistics(model_fn, images, classes, batch_size).items():
+            per_image[key][name] = values
+    bootstrap_args = {"num_resamples": num_resamples, "seed": seed, "confidence": confidence}
+    claims = {
+        key: evaluate_claim(per_image[key], subject, statement, direction, **bootstrap_args)
+        for key, (statement, direction) in CLAIMS.items()
+    }
+    return {
+        "num_images": len(images),
+        "image_shape": list(images.shape[1:]),
+        "subject": subject,
+        "reference": reference,
+        "top_k": top_k,
+        "classes": classes.tolist(),
+        "stats.bootstrap": bootstrap_args,
+        "per_image": per_image,
+        "claims": claims,
+    }
