@@ -85,8 +85,20 @@ class EvaluateTest(tf.test.TestCase):
         )
         self.assertEqual(set(saved["gradients"]), {"classifier", "defended"})
         for check in saved["checks"]:
-            self.assertIn(check["passed"], (True, False))
-            self.assertIn(("PASS" if check["passed"] else "**FAIL**"), markdown)
+            self.assertIn(check["passed"], (True, False, None))
+            word = {True: "PASS", False: "**FAIL**", None: "undecided"}[check["passed"]]
+            self.assertIn(f"| {word} | {check['name']} |", markdown)
+        # The headline is the per-example worst case, never above any single run.
+        headline = saved["results"]["headline"]["8/255"]
+        for by_eps in saved["results"]["threats"]["white_box"].values():
+            self.assertLessEqual(headline["robust_accuracy"], by_eps["8/255"]["defended"])
+        self.assertIn("## Robust accuracy (per-example worst case", markdown)
+        # Claims 2 and 3 are in the report, with their plots.
+        self.assertEqual(saved["counterfactual"]["num_images"], 6)
+        self.assertIn(saved["counterfactual"]["claims"]["class_specificity"]["status"], markdown)
+        self.assertIn("white_box/apgd_ce/8/255", saved["effective_perturbations"])
+        for name in ("effective_examples.png", "effective_norms.png"):
+            self.assertTrue(os.path.exists(os.path.join(outdir, name)), name)
 
     def test_missing_model_is_named(self):
         config = eval_lib.EvalRunConfig(defended_path="/nonexistent/defended.keras")

@@ -16,7 +16,7 @@ does not change any prediction; without it a model could look "class-agnostic"
 only because of that shared part. Structure alignment is the correlation of
 |gradient| with the Sobel edge magnitude, averaged over the same classes.
 
-Each statistic gets a seeded percentile-stats.bootstrap interval over images, and the
+Each statistic gets a seeded percentile-bootstrap interval over images, and the
 subject's paired difference to each counterfactual gets one too. The verdict
 follows from those intervals alone (`claim_verdict`). The intervals cover the
 sampling of images for fixed weights only: two autoencoders trained from
@@ -209,12 +209,12 @@ def counterfactual_analysis(
         every model (the classifier alone).
       top_k: classes compared per image, 2 <= top_k < number of classes.
       batch_size: images per compiled gradient computation.
-      num_resamples, seed, confidence: of the stats.bootstrap intervals.
+      num_resamples, seed, confidence: of the bootstrap intervals.
 
     Returns:
       A JSON-serialisable dict: "num_images", "image_shape", "subject",
       "reference", "top_k", "classes" ([N][K] ints, shared by all models),
-      "stats.bootstrap" ({"num_resamples", "seed", "confidence"}), "per_image"
+      "bootstrap" ({"num_resamples", "seed", "confidence"}), "per_image"
       ({statistic: {model: [N] floats}}) and "claims" ({statistic: the dict of
       `evaluate_claim`}) for "class_specificity" and "structure_alignment".
 
@@ -244,7 +244,7 @@ def counterfactual_analysis(
         "reference": reference,
         "top_k": top_k,
         "classes": classes.tolist(),
-        "stats.bootstrap": bootstrap_args,
+        "bootstrap": bootstrap_args,
         "per_image": per_image,
         "claims": claims,
     }

@@ -21,6 +21,7 @@ from s2s_tf import data as data_lib
 from s2s_tf.config_io import setting
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import checks as checks_lib
+from s2s_tf.robustness import claims
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import gradient_analysis
 from s2s_tf.robustness import report
@@ -42,8 +43,12 @@ class EvalRunConfig:
         classifiers for the transfer matrix; each also enters the matrix
         defended by the same autoencoder ("<name>+s2s").
       attack: the attack settings (`evaluation.EvalConfig`).
-      gradient_examples: images used by the gradient analysis.
+      gradient_examples: images used by the gradient analysis and the
+        counterfactual test of claim 2 (>= 256 for a test of the claim).
       gradient_top_k: class logits compared per image for class specificity.
+      reconstruction_autoencoder_path: the stage-1 autoencoder (.keras), the
+        counterfactual "reconstruction only" model of claim 2; None leaves it out.
+      effective_examples: examples of the effective-perturbation analysis (claim 3).
       attack_preset: the `evaluation.PRESETS` entry `attack` was built from (for the report).
     """
 
@@ -58,7 +63,15 @@ class EvalRunConfig:
         unparse=config_io.unparse_named_paths,
     )
     attack: evaluation.EvalConfig = evaluation.EvalConfig()
-    gradient_examples: int = setting(64, "Examples of the gradient analysis.", lower_bound=2)
+    gradient_examples: int = setting(
+        256, "Examples of the gradient analysis and the counterfactual test.", lower_bound=2
+    )
+    reconstruction_autoencoder_path: str | None = setting(
+        None, "Stage-1 autoencoder (.keras): the reconstruction-only counterfactual of claim 2."
+    )
+    effective_examples: int = setting(
+        64, "Examples of the effective-perturbation analysis (claim 3).", lower_bound=1
+    )
     attack_preset: str = setting(
         "standard",
         "Attack suite: standard (AutoAttack-like, >= 500 examples) or fast (main job, CI); "
@@ -193,6 +206,17 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
         models, images[:n], labels[:n], config.gradient_top_k
     )
     examples = _example_rows(evaluator, purifier, analysis)
+    progress("claims: counterfactual gradients and effective perturbations")
+    reconstruction = None
+    if config.reconstruction_autoencoder_path:
+        reconstruction = s2s_model.load_keras(
+            config.reconstruction_autoencoder_path, "reconstruction autoencoder"
+        )
+    gradient_claims = claims.gradient_claims(models, images[:n], reconstruction)
+    os.makedirs(outdir, exist_ok=True)
+    effective, effective_plots = claims.effective_claim(
+        evaluator, purifier, outdir, config.effective_examples
+    )
     document = {
         "config": config_io.config_to_dict(config),
         "results": results,
@@ -201,10 +225,14 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
         "meta": {"preset": config.attack_preset},
         "gradients": gradients,
         "gradient_analysis": analysis["metrics"],
+        "counterfactual": gradient_claims,
+        "effective_perturbations": effective,
     }
     if strategy is not None and not distribute.is_chief(strategy):
         return document
-    paths = report.write_report(document, outdir, examples=examples, histograms=histograms)
+    paths = report.write_report(
+        document, outdir, examples=examples, histograms=histograms, plots=effective_plots
+    )
     _tensorboard(outdir, results, gradients)
     failed = [c["name"] for c in checks if c["passed"] is False]
     progress(f"report: {paths['markdown']} ({len(failed)} sanity check(s) failed)")
@@ -217,7 +245,7 @@ def _example_rows(evaluator, purifier, analysis):
     eps = max(config.eps)
     rows = {"clean": evaluator.images[:k]}
     key = evaluation.run_key("white_box", config.check_attack, eps)
-    adversarial = evaluator.examples.get(key)
+    adversarial = evaluator.adversarial.get(key)
     if adversarial is None:  # sharded runs keep no images: remake the first few here
         adversarial = evaluator.attack(
             config.check_attack, evaluator.models.defended, eps, evaluator.images[:k]

@@ -173,12 +173,17 @@ class Evaluator:
       progress: callable(str) told about each unit of work (e.g. logging.info).
       sharded: a `sharded.ShardedAttacks` to run the attacks on a `tf.distribute`
         strategy in resumable shards; None runs them here, batch by batch.
+      keep: adversarial examples kept per run (the first ones), for the report.
     """
 
-    def __init__(self, models, images, labels, config, progress=logging.info, sharded=None):
+    def __init__(
+        self, models, images, labels, config, progress=logging.info, sharded=None, keep=64
+    ):
         config.validate()
         self.models, self.config, self.progress = models, config, progress
-        self.sharded = sharded
+        self.sharded, self.keep = sharded, keep
+        # run key -> the first `keep` adversarial examples (runs in this process only).
+        self.adversarial = {}
         self.images = np.asarray(images[: config.num_examples], np.float32)
         self.labels = np.asarray(labels[: config.num_examples])
         self.results = {
@@ -247,7 +252,7 @@ class Evaluator:
         """
         if self.sharded is None:
             adversarial = self.attack(name, source, eps, images, labels, **overrides)
-            self.examples[key] = adversarial[:4]
+            self.adversarial[key] = adversarial[: self.keep]
             return {k: self.correct(m, adversarial, labels) for k, m in scored.items()}
         spec, start = attacks_lib.get_spec(name), time.perf_counter()
         budget = spec.budget(eps, images.shape[1:], self.config.l2_eps_scale)

@@ -33,7 +33,7 @@ def versions():
     return out
 
 
-def write_report(document, outdir, examples=None, histograms=None):
+def write_report(document, outdir, examples=None, histograms=None, plots=None):
     """Writes robustness.json, report.md and the plots into `outdir`.
 
     Args:
@@ -45,6 +45,8 @@ def write_report(document, outdir, examples=None, histograms=None):
         (rows of the example figure, e.g. clean / adversarial / reconstruction)
         plus "gradient" ([K, H, W, C], any range).
       histograms: optional dict of model name -> (bin_edges, counts).
+      plots: optional dict of name -> path of further plots already written
+        into `outdir` (linked from the report).
 
     Returns:
       A dict of artefact name -> path.
@@ -54,7 +56,7 @@ def write_report(document, outdir, examples=None, histograms=None):
     document.setdefault("meta", {})
     document["meta"].setdefault("versions", versions())
     document["meta"].setdefault("date", datetime.datetime.now(datetime.UTC).isoformat())
-    paths = {"json": os.path.join(outdir, "robustness.json")}
+    paths = {"json": os.path.join(outdir, "robustness.json"), **(plots or {})}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(document, f, indent=2, sort_keys=True)
     paths["accuracy_plot"] = plot_accuracy_vs_eps(
@@ -111,8 +113,12 @@ def markdown(document, files):
     ]
     out.append(_table(["result", "check", "detail"], rows))
     out += _gradient_section(document.get("gradients", {}))
+    out += _counterfactual_section(document.get("counterfactual"))
+    out += _effective_section(document.get("effective_perturbations"))
     out += ["", "## Plots", ""]
-    for key in ("accuracy_plot", "gradient_plot", "examples_plot"):
+    plot_keys = ("accuracy_plot", "gradient_plot", "examples_plot")
+    plot_keys += ("effective_examples_plot", "effective_scatter_plot")
+    for key in plot_keys:
         if key in files:
             out.append(f"![{key}]({files[key]})")
     return "\n".join(out) + "\n"
@@ -190,6 +196,60 @@ def _adaptive_section(rows):
         "is the run that fools significantly more (p < 0.05), else neither.",
         "",
         _table(["eps", "A", "B", "A only", "B only", "p", "stronger"], table),
+    ]
+
+
+def _interval(entry):
+    if not entry:
+        return "n/a"
+    low, high = entry["interval"]
+    return f"{entry['estimate']:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def _counterfactual_section(analysis):
+    out = ["", "## Claim 2: counterfactual gradient analysis", ""]
+    if not analysis:
+        return out + ["Not run (it needs a classifier with at least 3 classes)."]
+    out.append(
+        f"{analysis['num_images']} images; gradients of centred logits of the same "
+        f"{analysis['top_k']} classes per image for every model; mean and bootstrap 95% interval."
+    )
+    for name, claim in analysis["claims"].items():
+        models = claim["models"]
+        rows = [(model, _interval(entry)) for model, entry in models.items()]
+        rows += [(diff, _interval(entry)) for diff, entry in claim["differences"].items()]
+        out += ["", f"### {name}", "", _table(["model / difference", name], rows), ""]
+        out.append(f"**{claim['status']}**: {claim['verdict']}")
+    return out
+
+
+def _effective_section(summary):
+    if not summary:
+        return []
+    rows = []
+    for key, entry in summary.items():
+        l2, linf = entry.get("l2") or {}, entry.get("linf") or {}
+        rows.append(
+            (
+                key,
+                entry["num_perturbed"],
+                _interval((l2.get("input") or {}).get("median")),
+                _interval((l2.get("passed_on") or {}).get("median")),
+                _interval((l2.get("ratio") or {}).get("median")),
+                _interval((linf.get("ratio") or {}).get("median")),
+            )
+        )
+    return [
+        "",
+        "## Claim 3: effective perturbations",
+        "",
+        "How much of an adversarial perturbation the S2SNet passes on to the classifier: "
+        "||S2S(x+d) - S2S(x)|| against ||d|| per example (medians, bootstrap 95% intervals).",
+        "",
+        _table(
+            ["run", "n", "median ||d||_2", "median passed on (L2)", "ratio L2", "ratio L-inf"],
+            rows,
+        ),
     ]
 
 
