@@ -1,4 +1,4 @@
-"""Tests for s2s_tf.attacks and s2s_tf.attack_library: budgets, restarts, caching, BPDA."""
+"""Tests for s2s_tf.robustness.attacks and runner: budgets, restarts, caching, BPDA."""
 
 import gc
 import weakref
@@ -12,7 +12,7 @@ from s2s_tf.robustness import attacks
 from s2s_tf.robustness import runner
 
 SHAPE = (8, 8, 3)
-NUM_CLASSES = 3
+NUM_CLASSES = 4
 EPS = {attacks.LINF: 0.06, attacks.L2: 0.8}
 # Small settings for the slow attacks; shared by the tests so compiled attacks are reused.
 FAST = {
@@ -49,6 +49,58 @@ class _CountingModel(keras.Model):
         return self.inner(x)
 
 
+def _wide_model():
+    """An untrained 10-class model (enough classes for every registered attack)."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Dense(16, activation="tanh")(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, keras.layers.Dense(10)(x), name="wide")
+
+
+def _near_range_ends(model, n):
+    """Images with every pixel within 0.02 of 0 or 1 (a quarter exactly at the ends), so
+    any step of an attack leaves [0, 1] unless it clips; labels are the model's own
+    predictions, so no example starts out fooled."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.0, 0.02, (n, *SHAPE))
+    high = rng.uniform(size=x.shape) < 0.5
+    x = np.where(high, 1.0 - x, x)
+    x[:, :2] = high[:, :2]
+    x = x.astype(np.float32)
+    return x, np.asarray(model(x)).argmax(-1).astype(np.int32)
+
+
+def _attack_fn_output(name, model, x, y, eps, max_steps=10):
+    """Calls the registered attack function itself: no runner, no `enforce_budget`.
+
+    Iterative attacks run at most `max_steps` steps; attacks stepping by a multiple of
+    eps take steps of 2 * eps, out of the ball, so only their projection keeps them in.
+    """
+    spec = attacks.ATTACKS[name]
+    params = {**spec.params, **FAST.get(name, {})}
+    steps = params.pop("steps", spec.defaults.get("steps"))
+    if "step_size" in spec.defaults:
+        step_size = spec.defaults["step_size"]
+    elif "step_size_factor" in spec.defaults:
+        step_size = 2.0 * eps
+    else:
+        step_size = None  # an attack without a step size (FGSM, noise, APGD, Square)
+    adv = spec.fn(
+        model,
+        x,
+        y,
+        eps,
+        steps=None if steps is None else min(steps, max_steps),
+        step_size=step_size,
+        targeted=False,
+        seed=(5, 6),
+        clip_min=0.0,
+        clip_max=1.0,
+        **params,
+    )
+    return np.asarray(adv)
+
+
 def _n(name):
     return FEW if name in FAST else 16
 
@@ -68,6 +120,8 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         cls.model.fit(train_x, train_y, epochs=10, batch_size=64, verbose=0)
+        cls.wide_model = _wide_model()
+        cls.ends_x, cls.ends_y = _near_range_ends(cls.wide_model, 4)
 
     def _attack(self, name, n=None, **kwargs):
         n = n or _n(name)
@@ -90,23 +144,9 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters(sorted(attacks.ATTACKS))
     def test_attack_function_runs_eagerly(self, name):
-        spec = attacks.ATTACKS[name]
-        params = {**spec.params, **FAST.get(name, {})}
-        steps = params.pop("steps", spec.defaults.get("steps"))
-        adv = spec.fn(
-            self.model,
-            self.x[:2],
-            self.y[:2],
-            EPS[spec.norm],
-            steps=steps,
-            step_size=spec.defaults.get("step_size", 0.01),
-            targeted=False,
-            seed=(1, 2),
-            clip_min=0.0,
-            clip_max=1.0,
-            **params,
-        )
-        self.assertEqual(np.asarray(adv).shape, (2, *SHAPE))
+        eps = EPS[attacks.ATTACKS[name].norm]
+        adv = _attack_fn_output(name, self.model, self.x[:2], self.y[:2], eps)
+        self.assertEqual(adv.shape, (2, *SHAPE))
 
     @parameterized.parameters(sorted(attacks.ATTACKS))
     def test_eps_zero_returns_input(self, name):
@@ -130,6 +170,25 @@ class AttacksTest(tf.test.TestCase, parameterized.TestCase):
             self.assertLessEqual(np.abs(delta).max(), eps + 1e-6)
         else:
             self.assertLessEqual(np.linalg.norm(delta, axis=1).max(), eps + 1e-5)
+
+    @parameterized.named_parameters((name, name) for name in sorted(attacks.ATTACKS))
+    def test_attack_function_itself_keeps_budget_and_clip_range(self, name):
+        # `run_attack` re-projects every result (`enforce_budget`), which would hide a
+        # projection bug inside an attack: check the attack function's own output.
+        spec = attacks.ATTACKS[name]
+        eps = EPS[spec.norm]
+        n = 2 if name in FAST else 4  # the slow (eager, per-example) attacks get fewer
+        x, y = self.ends_x[:n], self.ends_y[:n]
+        adv = _attack_fn_output(name, self.wide_model, x, y, eps)
+        self.assertEqual(adv.shape, x.shape)
+        self.assertAllInRange(adv, 0.0, 1.0)
+        delta = (adv - x).reshape(len(x), -1)
+        if spec.norm == attacks.LINF:
+            self.assertLessEqual(np.abs(delta).max(), eps + 1e-6, name)
+        else:
+            self.assertLessEqual(np.linalg.norm(delta, axis=1).max(), eps * (1 + 1e-5), name)
+        if spec.uses_gradients and spec.eps_policy == "project":
+            self.assertGreater(np.abs(delta).max(), 0.0, f"{name} did not move")  # not vacuous
 
     @parameterized.parameters(sorted(set(attacks.ATTACKS) - {"testing"}))
     def test_lowers_accuracy_of_trained_model(self, name):

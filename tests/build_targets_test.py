@@ -46,6 +46,7 @@ _COVERED_BY = {
     "s2s_tf/robustness/attacks/pgd.py": "tests/attacks_test.py",
     "s2s_tf/robustness/attacks/registry.py": "tests/attacks_test.py",
     "s2s_tf/robustness/attacks/spsa.py": "tests/cleverhans_shim_test.py",
+    "s2s_tf/robustness/claims.py": "tests/eval_lib_test.py",
     "s2s_tf/robustness/distributed.py": "tests/distributed_eval_test.py",
     "s2s_tf/robustness/report.py": "tests/eval_lib_test.py",
     "s2s_tf/robustness/runner.py": "tests/attacks_test.py",

@@ -7,6 +7,7 @@ from absl.testing import parameterized
 from cleverhans.tf2.attacks import spsa as spsa_lib
 
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import preprocessing
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import cleverhans_shim
 
@@ -25,10 +26,17 @@ def _linear_model(seed=0):
 
 
 def _nested_model():
-    """The project's composite: an autoencoder model and a classifier model nested in one."""
+    """The project's composite: an autoencoder model and a classifier model nested in one.
+
+    The BatchNorm statistics are those of [0, 1] images (momentum 0: one training-mode
+    call sets them), as after training; with the initial ones (mean 0, variance 1) the
+    reconstruction hardly depends on the input and no attack gets anywhere.
+    """
+    keras.utils.set_random_seed(0)
     autoencoder = ae_lib.build_autoencoder(
-        ae_lib.AutoencoderConfig(stage_widths=((4,), (4,))), input_shape=SHAPE
+        ae_lib.AutoencoderConfig(stage_widths=((4,), (4,)), bn_momentum=0.0), input_shape=SHAPE
     )
+    autoencoder(preprocessing.Normalize()(_images(16, seed=9)), training=True)
     return s2s_model.build_s2s_model(autoencoder, _linear_model(1))
 
 
@@ -196,6 +204,51 @@ class CarliniWagnerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(const, [0.5, 10.0, 2.5])
         self.assertAllClose(lower, [0.0, 1.0, 1.0])
         self.assertAllClose(upper, [1.0, 1e10, 4.0])
+
+
+class CompositeModelTest(tf.test.TestCase):
+    """CW-L2 and SPSA must defeat the nested composite (autoencoder -> classifier) model."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = _nested_model()
+        cls.x = _images(4)
+        cls.labels = np.asarray(cls.model(cls.x)).argmax(-1)
+
+    def _cw(self, binary_search_steps):
+        attack = cleverhans_shim.CarliniWagnerL2(
+            self.model,
+            y=self.labels,
+            max_iterations=30,
+            binary_search_steps=binary_search_steps,
+            learning_rate=0.05,
+            initial_const=10.0,  # succeeds at once; the search then trades success for distance
+        )
+        adv = attack.attack(self.x)
+        return adv, np.linalg.norm((adv - self.x).reshape(len(adv), -1), axis=1)
+
+    def test_cw_fools_it_and_the_binary_search_shrinks_the_distance(self):
+        self.assertTrue(np.all(_margins(self.model, self.x, self.labels) < 0.0))
+        one, one_l2 = self._cw(binary_search_steps=1)
+        five, five_l2 = self._cw(binary_search_steps=5)
+        for adv in (one, five):
+            self.assertTrue(np.all(_margins(self.model, adv, self.labels) > 0.0))
+        self.assertAllInRange(five, 0.0, 1.0)
+        # Later steps lower the constant and keep the smallest successful perturbation.
+        self.assertTrue(np.all(five_l2 <= one_l2 + 1e-6), (one_l2, five_l2))
+        self.assertLess(five_l2.mean(), 0.8 * one_l2.mean(), (one_l2, five_l2))
+
+    def test_spsa_fools_it(self):
+        tf.random.set_seed(0)  # SPSA draws from TF's global generator
+        eps = 0.1
+        x, label = self.x[:1], self.labels[:1]
+        adv = cleverhans_shim.spsa(
+            self.model, tf.constant(x), tf.constant(label), eps, 20, 0.0, 1.0, spsa_samples=32
+        )
+        self.assertLess(_margins(self.model, x, label)[0], 0.0)
+        self.assertGreater(_margins(self.model, adv, label)[0], 0.0)
+        self.assertLessEqual(np.abs(adv - x).max(), eps + 1e-6)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 import dataclasses
 import gzip
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+from xml.etree import ElementTree
 
 import numpy as np
 import tensorflow as tf
@@ -13,11 +17,29 @@ from absl.testing import parameterized
 from s2s_tf import data
 
 _APT_HINT = "apt-get install dataset-fashion-mnist"
+_MISSING = f"Fashion-MNIST ({data.FASHION_MNIST_DIR}) is missing; install it with `{_APT_HINT}`."
+CONFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+# Three skips, run under tests/conftest.py by `CiSkipPolicyTest`.
+_SKIPPING_TESTS = """
+import unittest
+
+
+class Skips(unittest.TestCase):
+    def test_data_skip(self):
+        self.skipTest({data!r})
+
+    def test_stages_skip(self):
+        self.skipTest({stages!r})
+
+    @unittest.skip("PyTorch is not installed (pip install torch); skipped.")
+    def test_torch_skip(self):
+        pass
+"""
 
 
 def _skip_without_fashion_mnist(test):
     if not os.path.isdir(data.FASHION_MNIST_DIR):
-        test.skipTest(f"{data.FASHION_MNIST_DIR} is missing; install it with `{_APT_HINT}`.")
+        test.skipTest(_MISSING)
 
 
 def _write_idx(path, magic, dims, payload):
@@ -227,6 +249,51 @@ class RegistryTest(tf.test.TestCase, parameterized.TestCase):
             images, labels = next(iter(data.make_dataset_fn(config, training)(None)))
             self.assertEqual(images.shape, (2, 16, 16, 3))
             self.assertEqual(labels.shape, (2,))
+
+
+class CiSkipPolicyTest(tf.test.TestCase):
+    """tests/conftest.py: with CI=true a Fashion-MNIST skip fails the run; others stay skips."""
+
+    def _outcomes(self, ci):
+        root = tempfile.mkdtemp(dir=self.get_temp_dir())
+        shutil.copy(CONFTEST, os.path.join(root, "conftest.py"))
+        stages_reason = (  # as tests/stages_test.py words it
+            "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz missing: "
+            "apt-get install dataset-fashion-mnist"
+        )
+        with open(os.path.join(root, "test_skips.py"), "w", encoding="utf-8") as f:
+            f.write(_SKIPPING_TESTS.format(data=_MISSING, stages=stages_reason))
+        env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
+        if ci is not None:
+            env["CI"] = ci
+        xml = os.path.join(root, "report.xml")
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={xml}", root],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        self.assertTrue(os.path.exists(xml), result.stdout + result.stderr)
+        outcomes = {}
+        for case in ElementTree.parse(xml).iter("testcase"):
+            kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+            outcomes[case.get("name")] = kinds[0] if kinds else "passed"
+        return outcomes
+
+    def test_fashion_mnist_skips_fail_in_ci_only(self):
+        self.assertEqual(
+            self._outcomes(ci="true"),
+            {
+                "test_data_skip": "failure",
+                "test_stages_skip": "failure",
+                "test_torch_skip": "skipped",
+            },
+        )
+        for ci in (None, "false"):
+            self.assertEqual(set(self._outcomes(ci).values()), {"skipped"}, ci)
 
 
 if __name__ == "__main__":

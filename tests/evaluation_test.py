@@ -1,4 +1,4 @@
-"""Tests for the threat models and the sanity checks against gradient masking."""
+"""Tests for s2s_tf/robustness/evaluation.py: configs, presets, the Evaluator, transfer."""
 
 import keras
 import numpy as np
@@ -8,76 +8,65 @@ from absl.testing import parameterized
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import evaluation
+from s2s_tf.robustness import runner
+
+# Nearest-template classifiers: accurate on `_template_images`, each on its own pixels.
+TEMPLATE_SEED = 7
+NUM_TEMPLATES = 3
 
 
-def _results(white_pgd=0.3, white_fgsm=0.5, gray_pgd=0.6, bpda_pgd=0.35, spsa=0.5, large=0.0):
-    row = lambda v: {"8/255": {"defended": v}}  # noqa: E731
-    return {
-        "clean": {"classifier": 0.9, "defended": 0.88},
-        "threats": {
-            "white_box": {"fgsm": row(white_fgsm), "pgd": row(white_pgd)},
-            "gray_box": {
-                "pgd": {"8/255": {"defended": gray_pgd, "classifier": 0.0}},
-            },
-            "bpda": {"pgd": row(bpda_pgd)},
-            "gradient_free": {
-                "spsa": row(spsa),
-                "pgd_same_subset": row(white_pgd),
-                "num_examples": 10,
-            },
-        },
-        "transfer": {
-            "attack": "pgd",
-            "eps": 8 / 255,
-            "matrix": {
-                "classifier": {"classifier": 0.0, "defended": gray_pgd},
-                "defended": {"classifier": 0.2, "defended": white_pgd},
-            },
-        },
-        "extra": {
-            "large_eps": 64 / 255,
-            "pgd_large_eps": large,
-            "eps": 8 / 255,
-            "pgd": white_pgd,
-            "pgd_2x_steps": white_pgd,
-            "pgd_restarts": white_pgd,
-        },
-    }
+def _templates(shape):
+    rng = np.random.default_rng(TEMPLATE_SEED)
+    return 0.5 + rng.uniform(-0.05, 0.05, (NUM_TEMPLATES, *shape))
 
 
-def _failed(checks):
-    return [c["name"] for c in checks if c["passed"] is False]
+def _template_images(shape, n):
+    """Noisy copies of the class templates, and their labels."""
+    rng = np.random.default_rng(TEMPLATE_SEED + 1)
+    labels = np.arange(n) % NUM_TEMPLATES
+    images = _templates(shape)[labels] + rng.normal(0.0, 0.02, (n, *shape))
+    return np.clip(images, 0.0, 1.0).astype(np.float32), labels
 
 
-class SanityChecksTest(tf.test.TestCase, parameterized.TestCase):
-    def test_an_honest_result_passes_everything(self):
-        checks = evaluation.sanity_checks(_results(), num_examples=100)
-        self.assertGreaterEqual(len(checks), 8)
-        self.assertEqual(_failed(checks), [])
+def _template_classifier(pixels, name):
+    """Logit k = 2<x, T_k> - |T_k|^2 over the pixels where the bool mask `pixels` is set."""
+    mask = pixels.reshape(-1)
+    templates = _templates(pixels.shape).reshape(NUM_TEMPLATES, -1) * mask
+    inputs = keras.Input(pixels.shape)
+    dense = keras.layers.Dense(NUM_TEMPLATES)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)), name=name)
+    dense.set_weights([2.0 * templates.T, -np.sum(np.square(templates), axis=1)])
+    return model
 
-    @parameterized.named_parameters(
-        ("large_eps_not_zero", dict(large=0.4), "large eps"),
-        ("single_step_stronger", dict(white_fgsm=0.1), "Iterative pgd"),
-        ("gray_box_stronger", dict(gray_pgd=0.1), "White-box pgd"),
-        ("bpda_stronger", dict(bpda_pgd=0.1), "BPDA"),
-        ("spsa_stronger", dict(spsa=0.0), "SPSA"),
-    )
-    def test_each_symptom_fails_its_check(self, kwargs, name_part):
-        failed = _failed(evaluation.sanity_checks(_results(**kwargs), num_examples=100))
-        self.assertTrue(any(name_part in name for name in failed), failed)
 
-    def test_more_steps_raising_accuracy_fails(self):
-        results = _results()
-        results["extra"]["pgd_2x_steps"] = 0.5
-        results["extra"]["pgd_restarts"] = 0.5
-        failed = _failed(evaluation.sanity_checks(results, num_examples=100))
-        self.assertIn("More PGD steps do not raise accuracy", failed)
-        self.assertIn("Restarts do not raise accuracy", failed)
+def _accuracy(model, images, labels):
+    """Fraction of `images` that `model` (a Keras model) classifies as `labels`, by argmax."""
+    return float(np.mean(np.argmax(model(images), -1) == labels))
 
-    def test_one_example_of_noise_is_tolerated(self):
-        results = _results(white_pgd=0.31, gray_pgd=0.30)
-        self.assertEqual(_failed(evaluation.sanity_checks(results, num_examples=100)), [])
 
+def _transfer_by_hand(named, images, labels, config):
+    """The transfer matrix: each source's `run_attack` examples scored on every target."""
+    expected = {}
+    for source_name, source in named.items():
+        adversarial = runner.run_attack(
+            config.transfer_attack,
+            source,
+            images,
+            labels,
+            max(config.eps),  # the default transfer_eps
+            steps=config.steps,
+            restarts=config.restarts,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        expected[source_name] = {
+            target_name: _accuracy(target, adversarial, labels)
+            for target_name, target in named.items()
+        }
+    return expected
+
+
+class EvalConfigTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.named_parameters(
         ("attack", dict(attacks=("nope",)), "unknown attacks"),
         ("threat", dict(threat_models=("black_box",)), "unknown threat"),
@@ -87,6 +76,19 @@ class SanityChecksTest(tf.test.TestCase, parameterized.TestCase):
     def test_bad_config(self, kwargs, pattern):
         with self.assertRaisesRegex(ValueError, pattern):
             evaluation.EvalConfig(**kwargs).validate()
+
+    def test_presets(self):
+        fast, standard = evaluation.preset("fast"), evaluation.preset("standard")
+        self.assertGreaterEqual(standard.num_examples, 500)
+        self.assertEqual(standard.steps, 100)
+        self.assertIn("apgd_ce", standard.attacks)
+        self.assertIn("apgd_t", standard.attacks)
+        self.assertIn("square", standard.gradient_free_attacks)
+        self.assertEqual(fast.attacks, standard.attacks)
+        self.assertLess(fast.steps, standard.steps)
+        self.assertEqual(evaluation.preset("fast", steps=7).steps, 7)
+        with self.assertRaisesRegex(ValueError, "unknown attack preset"):
+            evaluation.preset("strong")
 
 
 class EvaluatorTest(tf.test.TestCase):
@@ -101,7 +103,7 @@ class EvaluatorTest(tf.test.TestCase):
             classifier=classifier,
             defended=s2s_model.build_s2s_model(ae, classifier),
             purifier=s2s_model.build_purifier(ae, shape),
-            others={"copy": classifier},
+            others={"other": _template_classifier(np.ones(shape, bool), "other")},
         )
         rng = np.random.default_rng(0)
         images = rng.uniform(size=(6, *shape)).astype(np.float32)
@@ -112,28 +114,89 @@ class EvaluatorTest(tf.test.TestCase):
             num_examples=6,
             batch_size=3,
             steps=3,
-            spsa_examples=2,
+            adaptive_attacks=("pgd",),
+            gradient_free_attacks=("testing",),
+            gradient_free_examples=2,
+            check_attack="pgd",
         )
         messages = []
         evaluator = evaluation.Evaluator(models, images, labels, config, messages.append)
         results = evaluator.run()
         self.assertEqual(results["clean"]["classifier"], 1.0)
         self.assertEqual(
-            set(results["threats"]), {"gray_box", "white_box", "bpda", "gradient_free"}
+            set(results["threats"]),
+            {
+                "gray_box",
+                "white_box",
+                "bpda",
+                "surrogate",
+                "gradient_free",
+                "check_large_eps",
+                "check_more_steps",
+                "check_restarts",
+            },
         )
+        self.assertEqual(results["threats"]["gradient_free"]["testing"]["4/255"]["n"], 2)
         self.assertEqual(set(results["threats"]["white_box"]["pgd"]), {"4/255", "16/255"})
         # The gray-box row also reports the undefended classifier, which PGD beats.
         gray = results["threats"]["gray_box"]["pgd"]["16/255"]
         self.assertLess(gray["classifier"], 1.0)
         matrix = results["transfer"]["matrix"]
-        self.assertEqual(set(matrix), {"classifier", "defended", "copy"})
-        self.assertEqual(matrix["classifier"]["copy"], matrix["classifier"]["classifier"])
-        self.assertIn("pgd_large_eps", results["extra"])
+        self.assertEqual(set(matrix), {"classifier", "defended", "other"})
+        for row in matrix.values():
+            self.assertEqual(set(row), {"classifier", "defended", "other"})
+        self.assertEqual(set(results["transfer"]["matrices"]), {"4/255", "16/255"})
+        self.assertIn("easiest_to_fool", results["transfer"]["relations"])
         self.assertTrue(any("transfer" in m for m in messages))
         # Progress per batch: 6 examples in batches of 3.
         self.assertIn("  pgd: 3/6 examples", messages)
         self.assertIn("  pgd: 6/6 examples", messages)
-        self.assertIn("white_box/pgd", evaluator.examples)
+        self.assertLen(evaluator.adversarial["white_box/pgd/16/255"], 6)
+
+
+class TransferMatrixTest(tf.test.TestCase):
+    def test_matrix_matches_attacks_run_by_hand(self):
+        keras.utils.set_random_seed(0)
+        shape = (8, 8, 3)
+        half = np.random.default_rng(0).uniform(size=shape) < 0.5
+        classifier = _template_classifier(half, "classifier")
+        other = _template_classifier(~half, "other")
+        ae = ae_lib.build_autoencoder(ae_lib.AutoencoderConfig(stage_widths=((4,),)), shape)
+        models = evaluation.Models(
+            classifier=classifier,
+            defended=s2s_model.build_s2s_model(ae, classifier),
+            purifier=s2s_model.build_purifier(ae, shape),
+            others={"other": other},
+        )
+        images, labels = _template_images(shape, 8)
+        config = evaluation.EvalConfig(
+            attacks=("pgd",),
+            eps=(12 / 255,),
+            threat_models=("transfer",),
+            num_examples=8,
+            batch_size=4,
+            steps=3,
+            restarts=1,
+            transfer_attack="pgd",
+            seed=3,
+        )
+        matrix = evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
+        matrix = matrix["transfer"]["matrix"]
+        named = {"classifier": classifier, "defended": models.defended, "other": other}
+        self.assertEqual(_accuracy(classifier, images, labels), 1.0)
+        self.assertEqual(_accuracy(other, images, labels), 1.0)
+        expected = _transfer_by_hand(named, images, labels, config)
+        # The fixture tells sources and targets apart: the two classifiers look at disjoint
+        # pixels, so an attack on one beats it and leaves the other alone.
+        self.assertLess(expected["classifier"]["classifier"], expected["classifier"]["other"])
+        self.assertLess(expected["other"]["other"], expected["other"]["classifier"])
+        self.assertEqual(set(matrix), set(expected))
+        for source_name, row in expected.items():
+            self.assertEqual(set(matrix[source_name]), set(row), source_name)
+            for target_name, value in row.items():
+                self.assertAllClose(
+                    matrix[source_name][target_name], value, msg=f"{source_name} -> {target_name}"
+                )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ TensorBoard summaries into `outdir`.
 import dataclasses
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -42,6 +43,9 @@ class EvalRunConfig:
       transfer_classifiers: (name, path) pairs of further [0, 1]-input
         classifiers for the transfer matrix; each also enters the matrix
         defended by the same autoencoder ("<name>+s2s").
+      transfer_defended: (name, path) pairs of further defended models (each
+        with its own S2SNet, e.g. stage 2 run against that classifier); each
+        enters the matrix as "<name>+s2s" and its classifier as "<name>".
       attack: the attack settings (`evaluation.EvalConfig`).
       gradient_examples: images used by the gradient analysis and the
         counterfactual test of claim 2 (>= 256 for a test of the claim).
@@ -59,6 +63,12 @@ class EvalRunConfig:
     transfer_classifiers: tuple = setting(
         (),
         "Further classifiers for the transfer matrix: name=path,...",
+        parse=config_io.parse_named_paths,
+        unparse=config_io.unparse_named_paths,
+    )
+    transfer_defended: tuple = setting(
+        (),
+        "Further defended models, each with its own S2SNet, for the transfer matrix: name=path,...",
         parse=config_io.parse_named_paths,
         unparse=config_io.unparse_named_paths,
     )
@@ -86,7 +96,7 @@ class EvalRunConfig:
         if not self.defended_path and not (self.autoencoder_path and self.classifier_path):
             raise ValueError("give defended_path, or both autoencoder_path and classifier_path")
         paths = [self.defended_path, self.autoencoder_path, self.classifier_path]
-        paths += [path for _, path in self.transfer_classifiers]
+        paths += [path for _, path in (*self.transfer_classifiers, *self.transfer_defended)]
         for path in paths:
             if path and not os.path.exists(path):
                 raise FileNotFoundError(f"model file not found: {path}")
@@ -94,7 +104,7 @@ class EvalRunConfig:
 
 def _model_paths(config):
     paths = [config.defended_path, config.autoencoder_path, config.classifier_path]
-    return paths + [path for _, path in config.transfer_classifiers]
+    return paths + [path for _, path in (*config.transfer_classifiers, *config.transfer_defended)]
 
 
 def load_models(config):
@@ -114,10 +124,29 @@ def load_models(config):
         other = s2s_model.load_keras(path, f"transfer classifier {name}")
         others[name] = other
         others[f"{name}+s2s"] = s2s_model.build_s2s_model(autoencoder, other, shape)
+    for name, path in config.transfer_defended:
+        other = s2s_model.load_keras(path, f"defended transfer model {name}")
+        others[name] = _at_size(s2s_model.get_classifier(other), shape)
+        others[f"{name}+s2s"] = _at_size(other, shape)
     models = evaluation.Models(
         classifier=classifier, defended=defended, purifier=purifier, others=others
     )
     return models, defended, purifier
+
+
+def _at_size(model, shape):
+    """`model` on images of `shape`: resized (bilinear, differentiable) when it takes another size.
+
+    The paper's classifiers differ in input size (InceptionV3: 299 px, the others
+    224 px); the transfer matrix feeds every model the evaluation's images, so a
+    model of another size sees them resized inside its graph, and attacks on it
+    differentiate through the resize.
+    """
+    size = tuple(model.input_shape[1:3])
+    if size == tuple(shape[:2]) or None in size:
+        return model
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, model(keras.layers.Resizing(*size)(inputs)), name=f"{model.name}_at")
 
 
 def _gradient_analysis(models, images, labels, top_k):

@@ -22,6 +22,7 @@ from absl import logging
 from s2s_tf import config_io
 from s2s_tf.config_io import setting
 from s2s_tf.robustness import attacks as attacks_lib
+from s2s_tf.robustness import relations
 from s2s_tf.robustness import runner
 from s2s_tf.robustness import stats
 from s2s_tf.robustness import threat_models
@@ -322,22 +323,37 @@ class Evaluator:
                 self.record(threat.name, name, eps, correct["defended"], row)
 
     def _transfer(self):
-        """Matrix source -> target of accuracy on examples made on the source."""
+        """Matrices source -> target of accuracy on examples made on the source, per eps.
+
+        Every model attacks itself with `transfer_attack` at every eps, and its
+        examples are scored on every model: the diagonal is each model's own
+        white-box accuracy, the rest is transfer (`relations.summarize` reads both).
+        """
         config = self.config
-        eps = config.transfer_eps or max(config.eps)
+        transfer_eps = config.transfer_eps or max(config.eps)
         named = {"classifier": self.models.classifier, "defended": self.models.defended}
         named.update(self.models.others)
-        matrix = {}
-        for source_name, source in named.items():
-            self.progress(f"transfer: {config.transfer_attack} on {source_name}")
-            key = f"transfer/{config.transfer_attack}@{source_name}/{eps_key(eps)}"
-            correct = self.run_attack(
-                key, config.transfer_attack, source, eps, self.images, self.labels, named
-            )
-            matrix[source_name] = {target: float(np.mean(c)) for target, c in correct.items()}
-            if source_name != "defended":
-                self.results["per_example"][key] = [int(c) for c in correct["defended"]]
-        return {"attack": config.transfer_attack, "eps": eps, "matrix": matrix}
+        matrices = {}
+        for eps in sorted({*config.eps, transfer_eps}):
+            matrix = matrices.setdefault(eps_key(eps), {})
+            for source_name, source in named.items():
+                self.progress(
+                    f"transfer: {config.transfer_attack} on {source_name}, {eps_key(eps)}"
+                )
+                key = f"transfer/{config.transfer_attack}@{source_name}/{eps_key(eps)}"
+                correct = self.run_attack(
+                    key, config.transfer_attack, source, eps, self.images, self.labels, named
+                )
+                matrix[source_name] = {t: float(np.mean(c)) for t, c in correct.items()}
+                if source_name != "defended":
+                    self.results["per_example"][key] = [int(c) for c in correct["defended"]]
+        return {
+            "attack": config.transfer_attack,
+            "eps": transfer_eps,
+            "matrix": matrices[eps_key(transfer_eps)],
+            "matrices": matrices,
+            "relations": relations.summarize(matrices, self.results["clean"]),
+        }
 
     def _check_runs(self):
         """The white-box reruns the checks need: large eps, more steps and restarts, every eps."""

@@ -178,6 +178,9 @@ def _transfer_section(transfer):
         "Rows: the model the examples were made on; columns: the model evaluated.",
         "",
         _table(["source \\ target", *names], rows),
+        "",
+        "Claim 5 (adversarial-space relations): "
+        + (transfer.get("relations") or {}).get("statement", "needs two or more models."),
     ]
 
 
