@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from s2s_tf.robustness import gradient_analysis as ga  # noqa: E402
+from s2s_tf.robustness import report  # noqa: E402
 from s2s_tf.robustness import stats  # noqa: E402
 
 NORMS = ("l2", "linf")
@@ -196,10 +197,7 @@ def plot_effective_examples(purifier, clean, adversarial, path, num_examples=4):
             _show(axes[r][c], images[c])
         axes[r][0].set_ylabel(name, fontsize=8)
     fig.suptitle(f"perturbations shown as 0.5 + d / (2 × {scale:.3g})", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def plot_norm_scatter(norms_by_run, path):
@@ -226,7 +224,4 @@ def plot_norm_scatter(norms_by_run, path):
     ax.set_ylabel("||P(x+δ) − P(x)||₂")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)

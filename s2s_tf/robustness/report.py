@@ -297,6 +297,11 @@ def plot_accuracy_vs_eps(results, path):
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Lays out `fig`, writes it to `path` as a PNG and frees it; returns `path`."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -318,10 +323,7 @@ def plot_histograms(histograms, path):
     ax.set_ylabel("count")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_examples(rows, path):
@@ -341,7 +343,4 @@ def plot_examples(rows, path):
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
         axes[r][0].set_ylabel(name, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -266,6 +266,7 @@ def apgd_ce(
     clip_max=1.0,
     momentum=0.75,
     rho=0.75,
+    _loss="ce",
 ):
     """APGD on the cross-entropy loss (negated cross-entropy to `y` when targeted).
 
@@ -290,7 +291,7 @@ def apgd_ce(
         targeted, classified-as-`y`) iterate, else the iterate with the highest loss.
     """
     return _apgd(
-        "ce",
+        _loss,
         model_fn,
         x,
         y,
@@ -306,41 +307,13 @@ def apgd_ce(
     ).x
 
 
-def apgd_dlr(
-    model_fn,
-    x,
-    y,
-    eps,
-    *,
-    steps=100,
-    step_size=None,
-    targeted=False,
-    seed=None,
-    clip_min=0.0,
-    clip_max=1.0,
-    momentum=0.75,
-    rho=0.75,
-):
-    """APGD on the (untargeted) DLR loss; arguments as for `apgd_ce`.
+def apgd_dlr(model_fn, x, y, eps, **kwargs):
+    """APGD on the (untargeted) DLR loss; arguments and defaults as for `apgd_ce`.
 
     Raises:
         ValueError: if `targeted` (use `apgd_t`) or the model has fewer than 3 classes.
     """
-    return _apgd(
-        "dlr",
-        model_fn,
-        x,
-        y,
-        eps,
-        steps=steps,
-        step_size=step_size,
-        targeted=targeted,
-        seed=seed,
-        clip_min=clip_min,
-        clip_max=clip_max,
-        momentum=momentum,
-        rho=rho,
-    ).x
+    return apgd_ce(model_fn, x, y, eps, _loss="dlr", **kwargs)
 
 
 def apgd_t(
