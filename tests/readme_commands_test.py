@@ -90,7 +90,9 @@ def _flag_names(command):
 
 def _defined_flags(helpxml):
     root = ET.fromstring(helpxml[helpxml.index("<?xml") :])
-    defined = set()
+    # absl's own special flags are not listed; the flags inside a --flagfile are parsed
+    # by the binary itself, which fails on an unknown one before printing its help.
+    defined = {"flagfile", "undefok"}
     for flag in root.iter("flag"):
         name = flag.findtext("name")
         defined.add(name)
