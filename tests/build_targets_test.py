@@ -26,7 +26,6 @@ _COVERED_BY = {
     "s2s_tf/data/input_pipeline.py": "tests/data_test.py",
     "s2s_tf/data/sources.py": "tests/data_test.py",
     "s2s_tf/demo.py": "tests/demo_main_test.py",
-    "s2s_tf/evaluate_main.py": "tests/eval_lib_test.py",
     "s2s_tf/export/export_saved_model_main.py": "tests/export_main_test.py",
     "s2s_tf/export/serving_files.py": "tests/export_serving_files_test.py",
     "s2s_tf/export/signatures.py": "tests/export_signatures_test.py",
@@ -50,6 +49,7 @@ _COVERED_BY = {
     "s2s_tf/robustness/distributed.py": "tests/distributed_eval_test.py",
     "s2s_tf/robustness/report.py": "tests/eval_lib_test.py",
     "s2s_tf/robustness/runner.py": "tests/attacks_test.py",
+    "s2s_tf/testing_utils.py": "tests/eval_lib_test.py",
     "s2s_tf/train/train_lib.py": "tests/stages_test.py",
 }
 _RULES_BZL = "@rules_python//python:defs.bzl"

@@ -6,44 +6,23 @@ import subprocess
 import sys
 import tempfile
 
-import keras
 import tensorflow as tf
 from absl.testing import parameterized
 
 from s2s_tf import data as data_lib
-from s2s_tf.models import autoencoder as ae_lib
-from s2s_tf.models import classifiers
+from s2s_tf import testing_utils
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import eval_lib
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import runner
-from s2s_tf.train import checkpointing
 
 SIZE = (16, 16)
-
-
-def _save_models(directory):
-    keras.utils.set_random_seed(0)
-    ae = ae_lib.build_autoencoder(
-        ae_lib.AutoencoderConfig(stage_widths=((4,), (8,))), input_shape=(*SIZE, 3)
-    )
-    paths = {}
-    for name in ("testing", "lenet5"):
-        classifier = classifiers.build_classifier_with_preprocessing(name, SIZE, 10)
-        paths[name] = checkpointing.save_keras_atomic(
-            classifier, os.path.join(directory, f"{name}.keras")
-        )
-    defended = s2s_model.build_s2s_model(ae, s2s_model.load_keras(paths["testing"], "c"))
-    paths["defended"] = checkpointing.save_keras_atomic(
-        defended, os.path.join(directory, "stage2", "defended.keras")
-    )
-    return paths
 
 
 class EvaluateTest(tf.test.TestCase):
     def test_report_files_and_consistent_numbers(self):
         workdir = tempfile.mkdtemp()
-        paths = _save_models(workdir)
+        paths = testing_utils.save_tiny_models(workdir, SIZE)
         config = eval_lib.EvalRunConfig(
             data=data_lib.DataConfig(source="testing", split="test", image_size=SIZE),
             defended_path=paths["defended"],
