@@ -11,7 +11,8 @@ into TF Serving's layout:
       models.config            ModelServerConfig (base_path as the server sees it)
       batching_parameters      for --enable_batching
       <version>/               saved_model.pb, variables/, assets.extra/
-        assets.extra/tf_serving_warmup_requests, export_config.json
+        assets.extra/tf_serving_warmup_requests, export_config.json,
+                     model_card.json, model_card.md (see `model_card`)
 
 The version directory is written as `.tmp-<version>-<pid>-<hex>` beside its
 target and renamed into place, so a server polling the base path (it loads
@@ -37,6 +38,7 @@ import keras
 from s2s_tf import config_io
 from s2s_tf import constants
 from s2s_tf.config_io import setting
+from s2s_tf.export import model_card
 from s2s_tf.export import serving_files
 from s2s_tf.export import signatures
 from s2s_tf.models import s2s_model
@@ -78,6 +80,9 @@ class ExportConfig:
       warmup_batch_sizes: batch sizes of the warm-up requests.
       serving_base_path: `export_base` as the server sees it (e.g. inside the
         container); None means "/models/<model_name>".
+      report_path: the robustness report (robustness.json) whose numbers go into
+        the model card; None takes `<workdir>/eval_report/robustness.json` when
+        the models are in a workdir's stage folder and that report exists.
     """
 
     export_base: str = ""
@@ -122,6 +127,11 @@ class ExportConfig:
     )
     serving_base_path: str | None = setting(
         None, "--export_base as the server sees it; default /models/<name>."
+    )
+    report_path: str | None = setting(
+        None,
+        "robustness.json whose numbers go into the model card; default: the workdir's "
+        "eval_report/robustness.json when it exists.",
     )
 
     def validate(self):
@@ -284,6 +294,29 @@ def _move_into_place(tmp, target, overwrite):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def report_path(config):
+    """The report of `config`'s model card: the given one, or the workdir's if it exists.
+
+    Raises:
+      FileNotFoundError: when `config.report_path` is given and missing.
+    """
+    if config.report_path:
+        if not os.path.exists(config.report_path):
+            raise FileNotFoundError(f"robustness report not found: {config.report_path}")
+        return config.report_path
+    default = model_card.default_report_path(config.defended_path or config.autoencoder_path)
+    return default if default and os.path.exists(default) else None
+
+
+def _write_model_card(config, directory, autoencoder, classifier, image_size, report):
+    sources = {
+        key: getattr(config, key)
+        for key in ("defended_path", "autoencoder_path", "classifier_path")
+    }
+    card = model_card.build_card(sources, autoencoder, classifier, image_size, report)
+    return model_card.write_card(os.path.join(directory, serving_files.WARMUP_DIR), card)
+
+
 def export(config):
     """Exports the defended model as one TF Serving version.
 
@@ -295,10 +328,11 @@ def export(config):
 
     Raises:
       ValueError: for an invalid config.
-      FileNotFoundError: when a model file is missing.
+      FileNotFoundError: when a model file or the given report is missing.
       FileExistsError: when the version exists and `overwrite` is off.
     """
     config.validate()
+    report = report_path(config)
     base = config.export_base
     if os.path.isdir(base):
         clean_partial_exports(base)
@@ -306,7 +340,8 @@ def export(config):
     target = os.path.join(base, str(version))
     if os.path.exists(target) and not config.overwrite:
         raise FileExistsError(f"version exists (pass overwrite to replace it): {target}")
-    models = build_serving_models(*load_models(config), config.image_size)
+    autoencoder, classifier = load_models(config)
+    models = build_serving_models(autoencoder, classifier, config.image_size)
     os.makedirs(base, exist_ok=True)
     tmp = os.path.join(base, f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -319,6 +354,7 @@ def export(config):
             os.path.join(tmp, serving_files.WARMUP_DIR, CONFIG_FILE), "w", encoding="utf-8"
         ) as f:
             json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
+        _write_model_card(config, tmp, autoencoder, classifier, models.image_size, report)
         serving_files.write_model_server_config(
             base, config.model_name, config.serving_base_path or f"/models/{config.model_name}"
         )

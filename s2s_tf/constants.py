@@ -26,6 +26,7 @@ CLASSIFIER_FILE = "classifier.keras"
 AUTOENCODER_FILE = "autoencoder.keras"
 DEFENDED_FILE = "defended.keras"
 EVAL_REPORT_DIR = "eval_report"
+REPORT_JSON = "robustness.json"
 EXPORT_DIR = "export"
 
 
@@ -54,6 +55,11 @@ def defended_path(workdir):
 def eval_report_dir(workdir):
     """Where the robustness evaluation writes its report."""
     return os.path.join(workdir, EVAL_REPORT_DIR)
+
+
+def report_json(outdir):
+    """The robustness report's JSON file in an evaluation's output folder."""
+    return os.path.join(outdir, REPORT_JSON)
 
 
 def export_base(workdir):

@@ -42,7 +42,6 @@ def config_from_flags():
         **common_flags.data_config_kwargs(),
         split=FLAGS.eval_split,
         augment=False,
-        num_examples=attack.num_examples,
     )
     return eval_lib.EvalRunConfig(
         data=data,

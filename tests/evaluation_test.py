@@ -84,7 +84,8 @@ class EvalConfigTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIn("apgd_ce", standard.attacks)
         self.assertIn("apgd_t", standard.attacks)
         self.assertIn("square", standard.gradient_free_attacks)
-        self.assertEqual(fast.attacks, standard.attacks)
+        self.assertLessEqual(set(fast.attacks), set(standard.attacks))
+        self.assertIn("apgd_t", fast.attacks)
         self.assertLess(fast.steps, standard.steps)
         self.assertEqual(evaluation.preset("fast", steps=7).steps, 7)
         with self.assertRaisesRegex(ValueError, "unknown attack preset"):

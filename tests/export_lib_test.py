@@ -139,7 +139,13 @@ class ExportedModelTest(tf.test.TestCase, parameterized.TestCase):
         self.assertCountEqual(os.listdir(self.base), ["1", "models.config", "batching_parameters"])
         extra = os.path.join(self.version_dir, "assets.extra")
         self.assertCountEqual(
-            os.listdir(extra), ["tf_serving_warmup_requests", "export_config.json"]
+            os.listdir(extra),
+            [
+                "tf_serving_warmup_requests",
+                "export_config.json",
+                "model_card.json",
+                "model_card.md",
+            ],
         )
         self.assertTrue(tf.saved_model.contains_saved_model(self.version_dir))
         with open(os.path.join(extra, "export_config.json"), encoding="utf-8") as f:

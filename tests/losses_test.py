@@ -29,6 +29,15 @@ class LossesTest(tf.test.TestCase):
         other = tf.constant([[3.0, 2.0, 1.0], [5.0, 0.0, 0.0]])
         self.assertTrue(np.all(losses.kl_to_reference(reference, other).numpy() > 0.1))
 
+    def test_kl_is_kl_of_reference_to_prediction(self):
+        """KL(p_ref || p) = sum p_ref * log(p_ref / p), in that direction."""
+        reference = tf.constant([[0.0, np.log(3.0)]])  # p_ref = (1/4, 3/4)
+        logits = tf.constant([[0.0, 0.0]])  # p = (1/2, 1/2)
+        expected = 0.25 * np.log(0.25 / 0.5) + 0.75 * np.log(0.75 / 0.5)
+        reverse = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
+        self.assertAllClose(losses.kl_to_reference(reference, logits), [expected], atol=1e-6)
+        self.assertNotAllClose([expected], [reverse])
+
     def test_kl_gradient_flows_only_to_the_prediction(self):
         reference = tf.Variable([[1.0, 2.0]])
         logits = tf.Variable([[2.0, 1.0]])

@@ -61,7 +61,15 @@ class PipelineTest(tf.test.TestCase):
         for kind in ("train", "eval"):
             self.assertTrue(os.listdir(os.path.join(workdir, kind, "stage2")), kind)
         self.assertEqual(outputs["export"], os.path.join(workdir, "export", "1"))
-        self.assertTrue(any("white-box" in line for line in printed))
+        headline = "\n".join(printed)
+        self.assertIn("per-example worst case over every attack", headline)
+        with open(os.path.join(workdir, "eval_report", "robustness.json")) as f:
+            worst = json.load(f)["results"]["headline"]
+        for eps, row in worst.items():
+            self.assertIn(f"| {eps} | {100 * row['robust_accuracy']:.1f}% |", headline)
+        self.assertTrue(
+            os.path.exists(os.path.join(workdir, "export/1/assets.extra/model_card.json"))
+        )
 
         # The report's clean accuracy is the exported model's accuracy on the same examples.
         with open(os.path.join(workdir, "eval_report", "robustness.json")) as f:

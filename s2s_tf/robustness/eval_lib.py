@@ -102,6 +102,13 @@ class EvalRunConfig:
                 raise FileNotFoundError(f"model file not found: {path}")
 
 
+def _examples_to_read(config):
+    """Enough examples for the attacks and for the gradient analysis (None: all)."""
+    if config.attack.num_examples is None:
+        return None
+    return max(config.attack.num_examples, config.gradient_examples)
+
+
 def _model_paths(config):
     paths = [config.defended_path, config.autoencoder_path, config.classifier_path]
     return paths + [path for _, path in (*config.transfer_classifiers, *config.transfer_defended)]
@@ -221,7 +228,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
         models, defended, purifier = load_models(config)
     data = dataclasses.replace(
         config.data,
-        num_examples=config.data.num_examples or config.attack.num_examples,
+        num_examples=config.data.num_examples or _examples_to_read(config),
         global_batch_size=config.attack.batch_size,
         image_size=tuple(defended.input_shape[1:3]),
     )

@@ -55,6 +55,7 @@ class EvalConfig:
       gradient_free_queries: iterations (queries) of score-based attacks such as Square.
       surrogate_temperature: softmax temperature of the soft-routing surrogate.
       check_attack: the white-box attack rerun with more steps and restarts by the checks.
+      check_extra_restarts: restarts the checks add to `restarts` in their rerun.
       large_eps: the budget at which white-box accuracy must reach ~0 %.
       transfer_attack: the attack that makes the transfer matrix.
       transfer_eps: its budget (default: the largest of `eps`).
@@ -106,6 +107,7 @@ class EvalConfig:
         0.1, "Temperature of the soft-routing surrogate.", check=config_io.check_positive
     )
     check_attack: str = "apgd_ce"
+    check_extra_restarts: int = 2
     large_eps: float = 64 / 255
     transfer_attack: str = "pgd"
     transfer_eps: float | None = None
@@ -136,12 +138,16 @@ class EvalConfig:
 
 PRESETS = {
     "standard": EvalConfig(),
+    # The main job's and CI's suite (minutes on a 2-core CPU): the same kinds of attack,
+    # fewer steps, targets, queries and check restarts.
     "fast": EvalConfig(
+        attacks=("fgsm", "apgd_ce", "apgd_t"),
         num_examples=200,
         steps=20,
-        target_classes=3,
-        gradient_free_examples=100,
+        target_classes=2,
+        gradient_free_examples=50,
         gradient_free_queries=300,
+        check_extra_restarts=1,
     ),
 }
 
@@ -325,16 +331,17 @@ class Evaluator:
     def _transfer(self):
         """Matrices source -> target of accuracy on examples made on the source, per eps.
 
-        Every model attacks itself with `transfer_attack` at every eps, and its
-        examples are scored on every model: the diagonal is each model's own
-        white-box accuracy, the rest is transfer (`relations.summarize` reads both).
+        Every model attacks itself with `transfer_attack` at the smallest eps and
+        at the transfer eps, and its examples are scored on every model: the
+        diagonal is each model's own white-box accuracy, the rest is transfer
+        (`relations.summarize` reads both).
         """
         config = self.config
         transfer_eps = config.transfer_eps or max(config.eps)
         named = {"classifier": self.models.classifier, "defended": self.models.defended}
         named.update(self.models.others)
         matrices = {}
-        for eps in sorted({*config.eps, transfer_eps}):
+        for eps in sorted({min(config.eps), transfer_eps}):
             matrix = matrices.setdefault(eps_key(eps), {})
             for source_name, source in named.items():
                 self.progress(
@@ -365,7 +372,8 @@ class Evaluator:
         runs = [("check_large_eps", config.large_eps, {})]
         for eps in config.eps:
             runs.append(("check_more_steps", eps, {"steps": 2 * config.steps}))
-            runs.append(("check_restarts", eps, {"restarts": config.restarts + 2}))
+            extra = {"restarts": config.restarts + config.check_extra_restarts}
+            runs.append(("check_restarts", eps, extra))
         scored = {"defended": defended}
         for name, eps, overrides in runs:
             key = run_key(name, attack, eps)

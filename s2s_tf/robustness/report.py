@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from s2s_tf import constants  # noqa: E402
 from s2s_tf.robustness import threat_models  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def write_report(document, outdir, examples=None, histograms=None, plots=None):
     document.setdefault("meta", {})
     document["meta"].setdefault("versions", versions())
     document["meta"].setdefault("date", datetime.datetime.now(datetime.UTC).isoformat())
-    paths = {"json": os.path.join(outdir, "robustness.json"), **(plots or {})}
+    paths = {"json": constants.report_json(outdir), **(plots or {})}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(document, f, indent=2, sort_keys=True)
     paths["accuracy_plot"] = plot_accuracy_vs_eps(

@@ -7,7 +7,7 @@ global batch (`tf.nn.compute_average_loss`) whatever the number of replicas.
 import tensorflow as tf
 
 RECONSTRUCTION_LOSSES = ("mse", "l1")
-STAGE2_LOSSES = ("xent", "kl")
+STAGE2_LOSSES = ("kl", "xent")
 
 
 def reconstruction_loss(target, reconstruction, kind="mse"):

@@ -8,14 +8,22 @@
   BatchNorm statistics) and the classifier are frozen and run in inference
   mode; the bottleneck and pooling indices are cut from the graph, so no
   encoder gradient is computed. The classifier's gradients train the decoder.
+
+Every stage that trains BatchNorm layers re-estimates their statistics on
+training data (`recalibrate_batch_norm`) before its final model is saved: moving
+averages lag the weights (momentum 0.99 remembers ~100 older steps), which costs
+a short run accuracy in inference mode.
 """
 
 import dataclasses
 import os
 
+import keras
 import tensorflow as tf
+from absl import logging
 
 from s2s_tf import constants
+from s2s_tf import data as data_lib
 from s2s_tf.config_io import setting
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
@@ -75,20 +83,119 @@ def load_or_build_classifier(config):
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Recalibration:
+    """Where the final BatchNorm statistics come from.
+
+    Attributes:
+      data: the training split, augmented as in training (the weights were
+        trained with those statistics: 0.2 dB better PSNR than plain images).
+      batches: how many batches are averaged; 0 keeps the moving averages.
+    """
+
+    data: data_lib.DataConfig
+    batches: int = 100
+
+
+def trained_batch_norms(model):
+    """The BatchNormalization layers of `model` (nested models included) that train."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.extend([layer] if layer.trainable else [])
+        elif hasattr(layer, "layers"):
+            found.extend(trained_batch_norms(layer))
+    return found
+
+
+def recalibrate_batch_norm(forward, layers, batches):
+    """Replaces the moving statistics of `layers` by their average over `batches`.
+
+    Each batch runs through `forward` with momentum 0, so the layers store that
+    batch's mean and variance; the result is their plain average (as PyTorch's
+    `update_bn`), not an exponential average over changing weights.
+
+    Args:
+      forward: callable(images) running the layers in training mode.
+      layers: the BatchNormalization layers to re-estimate.
+      batches: an iterable of image batches.
+
+    Returns:
+      The number of batches used (0 when `layers` is empty).
+
+    Raises:
+      ValueError: when `batches` is empty.
+    """
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    sums, count = [[0.0, 0.0] for _ in layers], 0
+    try:
+        for layer in layers:
+            layer.momentum = 0.0  # read when traced: each call stores its batch's moments
+        step = tf.function(forward)
+        for images in batches:
+            step(images)
+            for total, layer in zip(sums, layers, strict=True):
+                total[0] += keras.ops.convert_to_numpy(layer.moving_mean)
+                total[1] += keras.ops.convert_to_numpy(layer.moving_variance)
+            count += 1
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+    if not count:
+        raise ValueError("no batches to re-estimate the BatchNorm statistics from")
+    for (mean, variance), layer in zip(sums, layers, strict=True):
+        layer.moving_mean.assign(mean / count)
+        layer.moving_variance.assign(variance / count)
+    return count
+
+
+class _RecalibratedStage(trainer.Stage):
+    """A stage that re-estimates its trained BatchNorm layers before the final save.
+
+    Subclasses set `recalibration` (a `Recalibration`, or None for none) and
+    define `_bn_model()` and `_bn_forward(images)`, which runs that model's
+    BatchNorm layers in training mode on [0, 1] images.
+    """
+
+    recalibration = None
+    _recalibrated = None
+
+    def recalibrate_batch_norm(self):
+        """Re-estimates the BatchNorm statistics once; returns how many layers (0: none)."""
+        if self._recalibrated is not None:
+            return self._recalibrated
+        config, layers = self.recalibration, trained_batch_norms(self._bn_model())
+        self._recalibrated = 0
+        if config is None or not config.batches or not layers:
+            return 0
+        batches = data_lib.make_dataset_fn(config.data, training=True)(None).take(config.batches)
+        used = recalibrate_batch_norm(self._bn_forward, layers, batches.map(lambda x, y: x))
+        logging.info("%s: BatchNorm re-estimated on %d batches", self.name, used)
+        self._recalibrated = len(layers)
+        return self._recalibrated
+
+
 # Stateless layers, shared: [0, 1] <-> the autoencoder's normalised space.
 _normalize = preprocessing.Normalize(name="ae_normalize")
 _denormalize = preprocessing.Denormalize(name="ae_denormalize")
 
 
-class ClassifierStage(trainer.Stage):
-    """Stage 0: supervised training of the classifier on [0, 1] images."""
+class ClassifierStage(_RecalibratedStage):
+    """Stage 0: supervised training of the classifier on [0, 1] images.
+
+    Args:
+      config: a `ModelConfig`.
+      recalibration: a `Recalibration` for the final BatchNorm statistics, or None.
+    """
 
     name = "stage0"
     train_keys = ("loss", "accuracy")
     eval_keys = ("loss", "accuracy")
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, recalibration=None):
+        self.config, self.recalibration = config, recalibration
 
     def build(self):
         self.classifier = load_or_build_classifier(self.config)
@@ -120,12 +227,19 @@ class ClassifierStage(trainer.Stage):
         _weight_histograms(self.classifier)
         _input_gradient_histogram(self.classifier, images, labels, "classifier")
 
+    def _bn_model(self):
+        return self.classifier
+
+    def _bn_forward(self, images):
+        return self.classifier(images, training=True)
+
     def save_final(self, directory):
+        self.recalibrate_batch_norm()
         path = os.path.join(directory, constants.CLASSIFIER_FILE)
         return [checkpointing.save_keras_atomic(self.classifier, path)]
 
 
-class ReconstructionStage(trainer.Stage):
+class ReconstructionStage(_RecalibratedStage):
     """Stage 1: the autoencoder learns to reconstruct images (labels unused).
 
     Args:
@@ -133,13 +247,15 @@ class ReconstructionStage(trainer.Stage):
       loss: "mse" or "l1", computed in the autoencoder's normalised space.
       with_classifier: also evaluate the classifier alone and behind the
         autoencoder (needs a classifier in `config`).
+      recalibration: a `Recalibration` for the final BatchNorm statistics, or None.
     """
 
     name = "stage1"
     train_keys = ("loss", "psnr")
 
-    def __init__(self, config, loss="mse", with_classifier=False):
+    def __init__(self, config, loss="mse", with_classifier=False, recalibration=None):
         self.config, self.loss, self.with_classifier = config, loss, with_classifier
+        self.recalibration = recalibration
         self.eval_keys = ("loss", "psnr") + (
             ("accuracy_classifier", "accuracy_defended") if with_classifier else ()
         )
@@ -186,28 +302,45 @@ class ReconstructionStage(trainer.Stage):
             defended = s2s_model.build_s2s_model(self.autoencoder, self.classifier)
             _input_gradient_histogram(defended, images, labels, "defended")
 
+    def _bn_model(self):
+        return self.autoencoder
+
+    def _bn_forward(self, images):
+        return self.autoencoder(_normalize(images), training=True)
+
     def save_final(self, directory):
+        self.recalibrate_batch_norm()
         path = os.path.join(directory, constants.AUTOENCODER_FILE)
         return [checkpointing.save_keras_atomic(self.autoencoder, path)]
 
 
-class DecoderStage(trainer.Stage):
+class DecoderStage(_RecalibratedStage):
     """Stage 2: decoder-only fine-tuning with the frozen classifier's gradients.
 
     Args:
       config: a `ModelConfig` with `autoencoder_path` (stage 1's model) and a
         pretrained classifier (`classifier_path`, or registry weights).
-      loss: "xent" (cross-entropy to the labels) or "kl" (KL divergence to the
-        classifier's predictions on the clean image; needs no labels).
+      loss: "kl" (KL divergence to the classifier's predictions on the clean
+        image; needs no labels, so any pretrained classifier can be defended on
+        unlabelled images) or "xent" (cross-entropy to the labels).
       reconstruction_weight: weight of an added reconstruction term (0: none).
       reconstruction_loss: "mse" or "l1" for that term.
+      recalibration: a `Recalibration` for the decoder's final BatchNorm
+        statistics, or None.
     """
 
     name = "stage2"
     train_keys = ("loss", "task_loss", "reconstruction", "accuracy_defended")
     eval_keys = ("task_loss", "psnr", "accuracy_classifier", "accuracy_defended")
 
-    def __init__(self, config, loss="xent", reconstruction_weight=0.0, reconstruction_loss="mse"):
+    def __init__(
+        self,
+        config,
+        loss="kl",
+        reconstruction_weight=1.0,
+        reconstruction_loss="mse",
+        recalibration=None,
+    ):
         if loss not in losses.STAGE2_LOSSES:
             raise ValueError(f"stage-2 loss must be one of {losses.STAGE2_LOSSES}, got {loss!r}")
         if reconstruction_weight < 0:
@@ -215,6 +348,7 @@ class DecoderStage(trainer.Stage):
         self.config, self.loss = config, loss
         self.reconstruction_weight = reconstruction_weight
         self.reconstruction_loss = reconstruction_loss
+        self.recalibration = recalibration
 
     def build(self):
         if not self.config.autoencoder_path:
@@ -276,7 +410,14 @@ class DecoderStage(trainer.Stage):
         _input_gradient_histogram(defended, images, labels, "defended")
         _input_gradient_histogram(self.classifier, images, labels, "classifier")
 
+    def _bn_model(self):
+        return self.decoder
+
+    def _bn_forward(self, images):
+        return ae_lib.decoder_only_forward(self.autoencoder, _normalize(images), training=True)
+
     def save_final(self, directory):
+        self.recalibrate_batch_norm()
         defended = s2s_model.build_s2s_model(self.autoencoder, self.classifier)
         return [
             checkpointing.save_keras_atomic(

@@ -43,8 +43,12 @@ class TrainConfig:
       loop: steps and reporting (`trainer.LoopConfig`).
       optimizer: `optim.OptimizerConfig`.
       reconstruction_loss: "mse" or "l1" (stage 1, and stage 2's extra term).
-      stage2_loss: "xent" or "kl".
+      stage2_loss: "kl" (to the classifier's clean predictions; no labels
+        needed) or "xent" (to the labels).
       reconstruction_weight: weight of the reconstruction term in stage 2.
+      bn_recalibration_batches: training batches that re-estimate the trained
+        BatchNorm layers' statistics before the final model is saved (0: keep
+        the moving averages).
     """
 
     stage: str = "stage1"
@@ -55,12 +59,20 @@ class TrainConfig:
     optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
     reconstruction_loss: str = setting("mse", "Stage-1 loss.", choices=losses.RECONSTRUCTION_LOSSES)
     stage2_loss: str = setting(
-        "xent",
-        "xent: to labels; kl: to clean predictions.",
+        "kl",
+        "Stage 2: kl (to the classifier's clean predictions; no labels needed) or xent "
+        "(to the labels).",
         choices=losses.STAGE2_LOSSES,
     )
+    # Without it the decoder drifts from reconstructing (PSNR 27 -> 24 dB with kl, 18 with xent).
     reconstruction_weight: float = setting(
-        0.0, "Stage 2: weight of a reconstruction term.", lower_bound=0
+        1.0, "Stage 2: weight of the reconstruction term (0: none).", lower_bound=0
+    )
+    bn_recalibration_batches: int = setting(
+        100,
+        "Training batches that re-estimate BatchNorm statistics at the end of a stage "
+        "(0: keep the moving averages).",
+        lower_bound=0,
     )
 
     def validate(self):
@@ -71,6 +83,9 @@ class TrainConfig:
             raise ValueError(f"reconstruction_loss must be one of {losses.RECONSTRUCTION_LOSSES}")
         if self.stage2_loss not in losses.STAGE2_LOSSES:
             raise ValueError(f"stage2_loss must be one of {losses.STAGE2_LOSSES}")
+        batches = self.bn_recalibration_batches
+        if not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"bn_recalibration_batches must be an int >= 0, got {batches!r}")
         if self.stage == "stage2" and not self.model.autoencoder_path:
             raise ValueError("stage 2 needs model.autoencoder_path (stage 1's autoencoder)")
         self.loop.validate()
@@ -80,13 +95,20 @@ class TrainConfig:
 
 def make_stage(config):
     """Returns the `trainer.Stage` that `config.stage` names."""
+    recalibration = stages.Recalibration(config.train_data, config.bn_recalibration_batches)
     if config.stage == "stage0":
-        return stages.ClassifierStage(config.model)
+        return stages.ClassifierStage(config.model, recalibration)
     if config.stage == "stage1":
         with_classifier = bool(config.model.classifier_path or config.model.classifier_weights)
-        return stages.ReconstructionStage(config.model, config.reconstruction_loss, with_classifier)
+        return stages.ReconstructionStage(
+            config.model, config.reconstruction_loss, with_classifier, recalibration
+        )
     return stages.DecoderStage(
-        config.model, config.stage2_loss, config.reconstruction_weight, config.reconstruction_loss
+        config.model,
+        config.stage2_loss,
+        config.reconstruction_weight,
+        config.reconstruction_loss,
+        recalibration,
     )
 
 
@@ -117,6 +139,12 @@ def train(config, workdir, strategy):
     if chief:
         config_io.save_config(config, run.stage_dir)
     result = run.train()
+    # The trainer evaluated before the final BatchNorm statistics were re-estimated
+    # (the chief re-estimates them in `save_final`; other workers do it here, so
+    # that all evaluate the same model): evaluate the final model again.
+    if not result["preempted"] and stage.recalibrate_batch_norm():
+        result["eval_before_bn_recalibration"] = result["eval"]
+        result["eval"] = run.evaluate()
     if chief:
         with open(os.path.join(run.stage_dir, "result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

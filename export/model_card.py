@@ -1,0 +1,281 @@
+"""The model card of an exported version: what the model is, what it saw, how well it does.
+
+    card = model_card.build_card(sources, autoencoder, classifier, image_size, report_path)
+    model_card.write_card(assets_extra_dir, card)
+
+writes `model_card.json` and `model_card.md` (the same numbers) beside the
+warm-up requests. The card names the classifier and its input size, the
+autoencoder's shape, the training data and stage-2 loss (read from the
+`config.json` that training writes beside each stage's models, when there is
+one), software versions, and, from the robustness report
+(`<workdir>/eval_report/robustness.json`) when there is one: clean accuracy
+with and without the defense, the per-example worst-case robust accuracy per
+eps and the sanity checks that failed. Without a report those fields say
+"not evaluated" rather than anything that could pass for a result.
+"""
+
+import datetime
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+import s2s_tf
+from s2s_tf import constants
+from s2s_tf.models import autoencoder as ae_lib
+
+CARD_JSON = "model_card.json"
+CARD_MARKDOWN = "model_card.md"
+# The evaluation binary's report file in its output folder (s2s_tf.robustness.report).
+REPORT_JSON = constants.REPORT_JSON
+NOT_EVALUATED = "not evaluated"
+UNKNOWN = "unknown"
+# The file training writes beside a stage's final models (s2s_tf.train.train_lib).
+_STAGE_CONFIG = "config.json"
+
+
+def default_report_path(model_path):
+    """The workdir's report for a model saved in a workdir's stage folder, else None.
+
+    `<workdir>/stage2/defended.keras` -> `<workdir>/eval_report/robustness.json`.
+    """
+    if not model_path:
+        return None
+    stage_dir = os.path.dirname(os.path.abspath(model_path))
+    if os.path.basename(stage_dir) not in constants.STAGES:
+        return None
+    return os.path.join(constants.eval_report_dir(os.path.dirname(stage_dir)), REPORT_JSON)
+
+
+def load_report(path):
+    """The report document at `path`.
+
+    Raises:
+      FileNotFoundError: when `path` does not exist.
+      ValueError: when it is not a robustness report (no "results").
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"robustness report not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            document = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"robustness report {path} is not valid JSON: {e}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("results"), dict):
+        raise ValueError(f"{path} is not a robustness report (no 'results')")
+    return document
+
+
+def _stage_config(model_path):
+    """The training config written beside `model_path` by train_lib, or None."""
+    if not model_path:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), _STAGE_CONFIG)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    return config if isinstance(config, dict) and "stage" in config else None
+
+
+def _data(train_data):
+    if not train_data:
+        return UNKNOWN
+    keys = ("source", "split", "image_size", "data_dir", "folder", "tfds_name", "num_examples")
+    return {key: train_data.get(key) for key in keys if train_data.get(key) is not None}
+
+
+def _autoencoder(autoencoder, training):
+    convs = ae_lib.encoder_conv_layers(autoencoder)
+    card = {
+        "encoder_conv_widths": [layer.filters for layer in convs],
+        "parameters": int(autoencoder.count_params()),
+    }
+    if training:
+        card["config"] = training.get("model", {}).get("autoencoder", UNKNOWN)
+    return card
+
+
+def _classifier(classifier, sources, training, classifier_training):
+    model = (training or {}).get("model", {})
+    name = (classifier_training or training or {}).get("model", {}).get("classifier")
+    return {
+        "name": name or classifier.name,
+        "path": sources.get("classifier_path") or model.get("classifier_path") or UNKNOWN,
+        "input_size": list(classifier.input_shape[1:3]),
+        "num_classes": int(classifier.output_shape[-1]),
+    }
+
+
+def _same_file(a, b):
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _evaluation(report, report_path, sources):
+    """The card's numbers from the report (each "not evaluated" without one)."""
+    if report is None:
+        keys = ("clean_accuracy", "robust_accuracy", "sanity_checks")
+        return {"report": NOT_EVALUATED, **dict.fromkeys(keys, NOT_EVALUATED)}
+    results = report["results"]
+    clean = results.get("clean", {})
+    headline = report.get("headline") or results.get("headline")
+    checks = report.get("checks")
+    evaluated = report.get("config", {})
+    model = evaluated.get("defended_path") or evaluated.get("autoencoder_path")
+    exported = sources.get("defended_path") or sources.get("autoencoder_path")
+    return {
+        "report": os.path.abspath(report_path),
+        "evaluated_model": model or UNKNOWN,
+        # A report of another model file (e.g. before retraining) does not describe this export.
+        "evaluated_model_is_exported": _same_file(model, exported),
+        "examples": results.get("num_examples"),
+        "split": evaluated.get("data", {}).get("split", UNKNOWN),
+        "clean_accuracy": {
+            "classifier": clean.get("classifier", NOT_EVALUATED),
+            "defended": clean.get("defended", NOT_EVALUATED),
+        },
+        "robust_accuracy": headline if isinstance(headline, dict) and headline else NOT_EVALUATED,
+        "sanity_checks": NOT_EVALUATED if checks is None else _checks(checks),
+    }
+
+
+def _checks(checks):
+    failed = [c for c in checks if c.get("passed") is False]
+    return {
+        "passed": sum(1 for c in checks if c.get("passed") is True),
+        "undecided": sum(1 for c in checks if c.get("passed") is None),
+        "failed": [{"name": c.get("name"), "detail": c.get("detail")} for c in failed],
+    }
+
+
+def build_card(sources, autoencoder, classifier, image_size, report_path=None):
+    """The model card of one export, as a JSON-ready dict.
+
+    Args:
+      sources: the export's model paths, a dict with "defended_path" or
+        "autoencoder_path" and "classifier_path".
+      autoencoder: the exported autoencoder (normalised space).
+      classifier: the exported [0, 1]-input classifier.
+      image_size: (H, W) the version serves.
+      report_path: a robustness.json, or None for a card without results.
+
+    Returns:
+      The card.
+
+    Raises:
+      FileNotFoundError, ValueError: for a missing or malformed report.
+    """
+    training = _stage_config(sources.get("defended_path") or sources.get("autoencoder_path"))
+    classifier_training = _stage_config(
+        sources.get("classifier_path") or (training or {}).get("model", {}).get("classifier_path")
+    )
+    report = load_report(report_path) if report_path else None
+    return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": {k: v for k, v in sources.items() if v},
+        "input": {"image_size": list(image_size), "range": "float32 RGB in [0, 1]"},
+        "classifier": _classifier(classifier, sources, training, classifier_training),
+        "autoencoder": _autoencoder(autoencoder, training),
+        "data": {
+            "defense_training": _data((training or {}).get("train_data")),
+            "classifier_training": _data((classifier_training or {}).get("train_data")),
+        },
+        "stage2_loss": (training or {}).get("stage2_loss", UNKNOWN),
+        "reconstruction_weight": (training or {}).get("reconstruction_weight", UNKNOWN),
+        "evaluation": _evaluation(report, report_path, sources),
+        "software": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "s2s_tf": s2s_tf.__version__,
+        },
+    }
+
+
+def _pct(value):
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else str(value)
+
+
+def markdown(card):
+    """The card as Markdown; every number is read from `card`."""
+    evaluation, classifier = card["evaluation"], card["classifier"]
+    clean = evaluation["clean_accuracy"]
+    lines = [
+        "# Model card: S2SNet-defended classifier",
+        "",
+        f"Created {card['created']}. Input: {card['input']['range']}, "
+        f"{'x'.join(str(s) for s in card['input']['image_size'])} px.",
+        "",
+        "## Model",
+        f"- Classifier: {classifier['name']} ({classifier['num_classes']} classes, input "
+        f"{'x'.join(str(s) for s in classifier['input_size'])}), from `{classifier['path']}`",
+        f"- Autoencoder: encoder conv widths {card['autoencoder']['encoder_conv_widths']}, "
+        f"{card['autoencoder']['parameters']} parameters",
+        f"- Stage-2 loss: {card['stage2_loss']} (reconstruction weight "
+        f"{card['reconstruction_weight']})",
+        f"- Defense trained on: `{json.dumps(card['data']['defense_training'])}`",
+        f"- Classifier trained on: `{json.dumps(card['data']['classifier_training'])}`",
+        "",
+        "## Evaluation",
+    ]
+    if isinstance(clean, dict):
+        lines.append(
+            f"Clean accuracy on {evaluation['examples']} {evaluation['split']} examples: "
+            f"classifier alone {_pct(clean['classifier'])}, defended {_pct(clean['defended'])}."
+        )
+        lines.append(f"Report: `{evaluation['report']}`.")
+        if not evaluation["evaluated_model_is_exported"]:
+            lines.append(
+                f"WARNING: the report evaluated `{evaluation['evaluated_model']}`, not the "
+                "exported model file; its numbers may not describe this version."
+            )
+    else:
+        lines.append(f"Clean accuracy: {clean}.")
+    lines += ["", "Robust accuracy (per-example worst case over every attack run):", ""]
+    lines += _robust_lines(evaluation["robust_accuracy"])
+    lines += ["", "Sanity checks:", ""] + _check_lines(evaluation["sanity_checks"])
+    software = ", ".join(f"{k} {v}" for k, v in card["software"].items())
+    return "\n".join([*lines, "", f"Software: {software}.", ""])
+
+
+def _robust_lines(robust):
+    if not isinstance(robust, dict):
+        return [str(robust)]
+    rows = ["| eps | robust accuracy | 95% CI | attack runs |", "|---|---|---|---|"]
+    for eps in sorted(robust, key=_eps_order):
+        row = robust[eps]
+        low, high = (row.get("ci95") or [None, None])[:2]
+        interval = f"{_pct(low)}-{_pct(high)}" if low is not None else "n/a"
+        runs = len(row.get("runs", []))
+        rows.append(f"| {eps} | {_pct(row.get('robust_accuracy'))} | {interval} | {runs} |")
+    return rows
+
+
+def _eps_order(key):
+    """Sorts eps keys such as "8/255" by value (JSON files list them as text)."""
+    numerator, _, denominator = str(key).partition("/")
+    try:
+        return (0, float(numerator) / float(denominator or 1), str(key))
+    except ValueError:
+        return (1, 0.0, str(key))
+
+
+def _check_lines(checks):
+    if not isinstance(checks, dict):
+        return [str(checks)]
+    failed, undecided = len(checks["failed"]), checks["undecided"]
+    lines = [f"{checks['passed']} passed, {failed} failed, {undecided} undecided (not run)."]
+    lines += [f"- FAILED: {c['name']}: {c['detail']}" for c in checks["failed"]]
+    return lines
+
+
+def write_card(directory, card):
+    """Writes `model_card.json` and `model_card.md` into `directory`; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = (os.path.join(directory, CARD_JSON), os.path.join(directory, CARD_MARKDOWN))
+    with open(paths[0], "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=2, sort_keys=True)
+        f.write("\n")
+    with open(paths[1], "w", encoding="utf-8") as f:
+        f.write(markdown(card))
+    return paths
