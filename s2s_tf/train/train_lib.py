@@ -144,7 +144,7 @@ def train(config, workdir, strategy):
     # that all evaluate the same model): evaluate the final model again.
     if not result["preempted"] and stage.recalibrate_batch_norm():
         result["eval_before_bn_recalibration"] = result["eval"]
-        result["eval"] = run.evaluate()
+        result["eval"] = run.evaluate(tag_prefix="bn_recalibrated/")
     if chief:
         with open(os.path.join(run.stage_dir, "result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

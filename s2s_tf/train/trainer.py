@@ -242,11 +242,13 @@ class Trainer:
 
         return eval_loop
 
-    def evaluate(self, eval_data=None):
+    def evaluate(self, eval_data=None, tag_prefix=""):
         """Means over an eval split of the stage's eval outputs, each example counted once.
 
         Args:
           eval_data: the split (a `data.DataConfig`); defaults to the trainer's.
+          tag_prefix: prefix of the summaries' tags (e.g. for a second evaluation
+            at the same step, of the final model).
 
         Returns:
           Per-example means keyed by the stage's `eval_keys` (empty without a split).
@@ -269,7 +271,7 @@ class Trainer:
         results = _means(self._eval_sums)
         with self.eval_writer.as_default(step=self.step):
             for key, value in results.items():
-                tf.summary.scalar(key, value)
+                tf.summary.scalar(f"{tag_prefix}{key}", value)
         logging.info("%s eval at step %d: %s", self.stage.name, self.step, _format(results))
         return results
 
