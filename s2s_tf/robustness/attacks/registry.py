@@ -9,6 +9,10 @@ the style of CleverHans' tf2 attacks, with one signature:
     fn(model_fn, x, y, eps, *, steps, step_size, targeted, seed, clip_min,
        clip_max, **params) -> adversarial x
 
+Each attack module spells this keyword signature out again on purpose (the
+repeated lines that tools find between the attack modules): it is the contract
+the runner calls, and each function documents its own defaults in it.
+
 `y` holds the true labels (untargeted) or the target labels (targeted); they
 are always given, so no attack falls back to the model's predictions (no label
 leaking). `seed` is an int [2] seed of TF's stateless random ops.
