@@ -90,14 +90,17 @@ class EvalRunConfig:
     )
     gradient_top_k: int = 5
 
+    def model_paths(self):
+        """Every model file this run reads (None where a path is not given)."""
+        paths = [self.defended_path, self.autoencoder_path, self.classifier_path]
+        return paths + [path for _, path in (*self.transfer_classifiers, *self.transfer_defended)]
+
     def validate(self):
         """Raises ValueError / FileNotFoundError naming what is wrong or missing."""
         self.attack.validate()
         if not self.defended_path and not (self.autoencoder_path and self.classifier_path):
             raise ValueError("give defended_path, or both autoencoder_path and classifier_path")
-        paths = [self.defended_path, self.autoencoder_path, self.classifier_path]
-        paths += [path for _, path in (*self.transfer_classifiers, *self.transfer_defended)]
-        for path in paths:
+        for path in self.model_paths():
             if path and not os.path.exists(path):
                 raise FileNotFoundError(f"model file not found: {path}")
 
@@ -107,11 +110,6 @@ def _examples_to_read(config):
     if config.attack.num_examples is None:
         return None
     return max(config.attack.num_examples, config.gradient_examples)
-
-
-def _model_paths(config):
-    paths = [config.defended_path, config.autoencoder_path, config.classifier_path]
-    return paths + [path for _, path in (*config.transfer_classifiers, *config.transfer_defended)]
 
 
 def load_models(config):
@@ -221,7 +219,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
             config.attack.batch_size,
             config.attack.seed,
             shard_dir=os.path.join(outdir, "shards"),
-            model_key=sharded_lib.file_fingerprint(_model_paths(config)),
+            model_key=sharded_lib.file_fingerprint(config.model_paths()),
             progress=progress,
         )
     else:

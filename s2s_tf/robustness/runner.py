@@ -173,15 +173,20 @@ def step_size_for(spec, eps, steps, step_size=None):
     return None
 
 
-def _example_seeds(seed, start, size, n, run):
-    """Stateless seeds [size, 2] of one run (restart): one per example, from its index.
+def example_seeds(seed, index, run):
+    """Stateless seeds [b, 2] of one run (restart): one per example, from its index.
 
     An example's random start depends on (seed, its index in `images`, run) only,
     not on the batch it lands in, so results do not change with the batch size
-    or the number of replicas sharing the examples.
+    or the number of replicas sharing the examples (`sharded` uses the same seeds).
+
+    Args:
+      seed: the attack's int seed.
+      index: int [b], the examples' indices.
+      run: the restart number.
     """
-    index = np.minimum(np.arange(start, start + size), n - 1)
-    return tf.constant(np.stack([np.full(size, seed), index + (run << 32)], -1), tf.int64)
+    index = tf.cast(index, tf.int64)
+    return tf.stack([tf.fill(tf.shape(index), tf.cast(seed, tf.int64)), index + (run << 32)], -1)
 
 
 def _strongest(runs, model_fn, y, targeted):
@@ -299,7 +304,8 @@ def run_attack(
     for start, stop, (x, y) in batches:
         x_t, y_t = tf.constant(x), tf.constant(y)
         # Lazy generators: each run is scored before the next one starts.
-        seeds = (_example_seeds(seed, start, len(x), len(images), run) for run in range(n_runs))
+        index = np.minimum(np.arange(start, start + len(x)), len(images) - 1)  # padded rows
+        seeds = (example_seeds(seed, index, run) for run in range(n_runs))
         advs = (np.asarray(runner(x_t, y_t, eps_t, step_t, seed_t)) for seed_t in seeds)
         runs = (enforce_budget(spec, x, adv, eps, clip_min, clip_max) for adv in advs)
         best = next(runs) if n_runs == 1 else _strongest(runs, model_fn, y, targeted)

@@ -30,12 +30,6 @@ def _project(spec, x, adv, eps, clip_min, clip_max):
     return base.project(x, adv, eps, spec.norm, clip_min, clip_max)
 
 
-def _seeds(seed, index, run):
-    """The per-example seeds `runner.run_attack` uses: (seed, example index + run << 32)."""
-    index = tf.maximum(index, 0)  # padding rows (index -1) get example 0's seed
-    return tf.stack([tf.fill(tf.shape(index), tf.cast(seed, tf.int64)), index + (run << 32)], -1)
-
-
 class ShardedAttacks:
     """Runs attacks over all examples on a `tf.distribute` strategy.
 
@@ -97,7 +91,9 @@ class ShardedAttacks:
         def fn(x, y, index):
             correct = {k: tf.ones_like(y, tf.bool) for k in scored}
             for run in range(restarts):
-                adv = attack(x, y, eps_t, step_t, _seeds(self.seed, index, run))
+                adv = attack(
+                    x, y, eps_t, step_t, runner.example_seeds(self.seed, tf.maximum(index, 0), run)
+                )
                 adv = _project(spec, x, adv, eps_t, 0.0, 1.0)
                 for k, model in scored.items():
                     pred = tf.argmax(model(adv), -1, output_type=tf.int32)
