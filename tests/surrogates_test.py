@@ -220,5 +220,86 @@ class SoftRoutingTest(tf.test.TestCase):
             surrogates.soft_routing_purifier(twice, 0.1)
 
 
+class CalibrationTest(tf.test.TestCase):
+    """Temperatures relative to each pool's measured scale."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(1)
+        rng = np.random.default_rng(1)
+        cls.ae = ae_lib.build_autoencoder(TINY, input_shape=SHAPE)
+        _randomize_batchnorm(cls.ae, rng)
+        cls.purifier = s2s_model.build_purifier(cls.ae, SHAPE)
+        cls.classifier = classifiers.build_classifier_with_preprocessing(
+            "testing", SHAPE, num_classes=NUM_CLASSES
+        )
+        cls.x = tf.constant(rng.uniform(0.0, 1.0, (8, *SHAPE)), tf.float32)
+        cls.y = tf.constant([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def test_window_gaps_by_hand(self):
+        pre_pool = np.zeros((1, 2, 4, 1), np.float32)
+        pre_pool[0, :, :2, 0] = [[1.0, 3.0], [2.0, 0.5]]  # gap 3 - 2 = 1
+        # The second window is all zero: no gap.
+        self.assertAllClose(surrogates.window_gaps(pre_pool), [1.0])
+
+    def test_scales_are_per_pool_medians(self):
+        scales = surrogates.calibrate(self.purifier, self.x, batch_size=3)
+        self.assertEqual(sorted(scales), ["pool1", "pool2"])
+        maps = surrogates._pool_maps(self.purifier, self.x)
+        for name, scale in scales.items():
+            gaps = surrogates.window_gaps(maps[name])
+            self.assertAllClose(scale, np.median(gaps[gaps > 0]), rtol=1e-6)
+        self.assertNotAllClose(scales["pool1"], scales["pool2"])
+
+    def test_relative_temperature_is_temperature_times_scale(self):
+        scales = {"pool1": 0.5, "pool2": 0.5}
+        relative = surrogates.soft_routing_purifier(self.purifier, 0.2, scales=scales)
+        absolute = surrogates.soft_routing_purifier(self.purifier, 0.1)
+        self.assertAllClose(relative(self.x), absolute(self.x), atol=1e-6)
+        # A variable scale is read at call time, without retracing.
+        var = {"pool1": tf.Variable(0.5), "pool2": tf.Variable(0.5)}
+        surrogate = tf.function(surrogates.soft_routing_purifier(self.purifier, 0.2, scales=var))
+        before = surrogate(self.x)
+        var["pool1"].assign(5.0)
+        self.assertGreater(_max_abs(surrogate(self.x), before), 1e-4)
+        self.assertEqual(surrogate.experimental_get_tracing_count(), 1)
+
+    def test_bad_scales_raise(self):
+        with self.assertRaisesRegex(ValueError, "pools"):
+            surrogates.soft_routing_purifier(self.purifier, 1.0, scales={"pool1": 1.0})
+        with self.assertRaisesRegex(ValueError, "scale of pool"):
+            surrogates.soft_routing_purifier(
+                self.purifier, 1.0, scales={"pool1": 0.0, "pool2": 1.0}
+            )
+        with self.assertRaisesRegex(ValueError, "at least one image"):
+            surrogates.calibrate(self.purifier, np.zeros((0, *SHAPE), np.float32))
+
+    def test_calibrated_surrogate_is_not_effectively_hard_on_a_trained_model(self):
+        # Train the autoencoder briefly to reconstruct, so its activations have a
+        # trained model's scale, then compare gradients at relative temperature 1.
+        ae = ae_lib.build_autoencoder(TINY, input_shape=SHAPE)
+        purifier = s2s_model.build_purifier(ae, SHAPE)
+        optimizer = keras.optimizers.Adam(3e-3)
+        rng = np.random.default_rng(3)
+        smooth = np.cumsum(rng.uniform(0, 0.2, (64, *SHAPE)), axis=1) % 1.0
+        data = tf.constant(smooth, tf.float32)
+        for _ in range(40):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(purifier(data, training=True) - data))
+            grads = tape.gradient(loss, ae.trainable_variables)
+            optimizer.apply(grads, ae.trainable_variables)
+        scales = surrogates.calibrate(purifier, data)
+        defended = s2s_model.build_s2s_model(ae, self.classifier)
+        white_box = _grad(defended, data[:8], self.y)
+        differences = {}
+        for t in (1.0, 1e-4):
+            model_fn = surrogates.soft_routing_model_fn(purifier, self.classifier, t, scales)
+            differences[t] = _relative(_grad(model_fn, data[:8], self.y), white_box)
+        print("scales", scales, "relative gradient difference to white-box", differences)
+        self.assertGreater(differences[1.0], 0.1)
+        self.assertLess(differences[1e-4], differences[1.0] / 10)
+
+
 if __name__ == "__main__":
     tf.test.main()
