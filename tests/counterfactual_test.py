@@ -7,11 +7,11 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from s2s_tf.analysis import counterfactual as cf
+from s2s_tf.analysis import gradient_analysis as ga
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import s2s_model
-from s2s_tf.robustness import counterfactual as cf
-from s2s_tf.robustness import gradient_analysis as ga
 from s2s_tf.robustness import stats
 
 SHAPE = (16, 16, 3)

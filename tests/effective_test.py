@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from s2s_tf.analysis import effective
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import s2s_model
-from s2s_tf.robustness import effective
 
 SHAPE = (16, 16, 3)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

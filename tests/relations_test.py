@@ -1,8 +1,8 @@
-"""Tests for s2s_tf/robustness/relations.py: easiest to fool and best transfer from matrices."""
+"""Tests for s2s_tf/analysis/relations.py: easiest to fool and best transfer from matrices."""
 
 import tensorflow as tf
 
-from s2s_tf.robustness import relations
+from s2s_tf.analysis import relations
 
 
 def _matrices():

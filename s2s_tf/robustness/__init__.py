@@ -1,1 +1,1 @@
-"""Robustness evaluation: attacks, threat models, gradient analysis and the report."""
+"""The robust-accuracy engine: attacks, threat models, runner, evaluation, stats, checks."""

@@ -19,13 +19,14 @@ from absl import logging
 
 from s2s_tf import config_io
 from s2s_tf import data as data_lib
+from s2s_tf.analysis import claims
+from s2s_tf.analysis import gradient_analysis
+from s2s_tf.analysis import relations
+from s2s_tf.analysis import report
 from s2s_tf.config_io import setting
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import checks as checks_lib
-from s2s_tf.robustness import claims
 from s2s_tf.robustness import evaluation
-from s2s_tf.robustness import gradient_analysis
-from s2s_tf.robustness import report
 from s2s_tf.robustness import sharded as sharded_lib
 from s2s_tf.train import distribute
 
@@ -261,6 +262,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
         "gradient_analysis": analysis["metrics"],
         "counterfactual": gradient_claims,
         "effective_perturbations": effective,
+        "relations": _relations(results),
     }
     if strategy is not None and not distribute.is_chief(strategy):
         return document
@@ -271,6 +273,14 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
     failed = [c["name"] for c in checks if c["passed"] is False]
     progress(f"report: {paths['markdown']} ({len(failed)} sanity check(s) failed)")
     return document
+
+
+def _relations(results):
+    """Claim 5's summary from the transfer matrices ({} without a transfer run)."""
+    transfer = results.get("transfer")
+    if not transfer:
+        return {}
+    return relations.summarize(transfer["matrices"], results["clean"])
 
 
 def _example_rows(evaluator, purifier, analysis):

@@ -22,7 +22,6 @@ from absl import logging
 from s2s_tf import config_io
 from s2s_tf.config_io import setting
 from s2s_tf.robustness import attacks as attacks_lib
-from s2s_tf.robustness import relations
 from s2s_tf.robustness import runner
 from s2s_tf.robustness import stats
 from s2s_tf.robustness import threat_models
@@ -334,7 +333,7 @@ class Evaluator:
         Every model attacks itself with `transfer_attack` at the smallest eps and
         at the transfer eps, and its examples are scored on every model: the
         diagonal is each model's own white-box accuracy, the rest is transfer
-        (`relations.summarize` reads both).
+        (`s2s_tf.analysis.relations` reads both).
         """
         config = self.config
         transfer_eps = config.transfer_eps or max(config.eps)
@@ -359,7 +358,6 @@ class Evaluator:
             "eps": transfer_eps,
             "matrix": matrices[eps_key(transfer_eps)],
             "matrices": matrices,
-            "relations": relations.summarize(matrices, self.results["clean"]),
         }
 
     def _check_runs(self):

@@ -22,8 +22,8 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from s2s_tf.robustness import gradient_analysis as ga  # noqa: E402
-from s2s_tf.robustness import report  # noqa: E402
+from s2s_tf.analysis import gradient_analysis as ga  # noqa: E402
+from s2s_tf.analysis import report  # noqa: E402
 from s2s_tf.robustness import stats  # noqa: E402
 
 NORMS = ("l2", "linf")

@@ -27,7 +27,7 @@ gradient statistics themselves come from `gradient_analysis`.
 import numpy as np
 import tensorflow as tf
 
-from s2s_tf.robustness import gradient_analysis as ga
+from s2s_tf.analysis import gradient_analysis as ga
 from s2s_tf.robustness import stats
 
 SUPPORTED = "supported"

@@ -101,7 +101,7 @@ def markdown(document, files):
     out += _headline_section(results.get("headline", {}))
     for threat, table in results.get("threats", {}).items():
         out += _threat_section(threat, table)
-    out += _transfer_section(results.get("transfer"))
+    out += _transfer_section(results.get("transfer"), document.get("relations"))
     out += _adaptive_section(document.get("adaptive", []))
     out += ["", "## Sanity checks", ""]
     rows = [
@@ -167,7 +167,7 @@ def _threat_section(threat, table):
     return ["", f"## {title}", "", f"{n} examples.", "", _table(["attack \\ eps", *eps_keys], rows)]
 
 
-def _transfer_section(transfer):
+def _transfer_section(transfer, relations):
     if not transfer:
         return []
     names = list(transfer["matrix"])
@@ -181,7 +181,7 @@ def _transfer_section(transfer):
         _table(["source \\ target", *names], rows),
         "",
         "Claim 5 (adversarial-space relations): "
-        + (transfer.get("relations") or {}).get("statement", "needs two or more models."),
+        + (relations or {}).get("statement", "needs two or more models."),
     ]
 
 

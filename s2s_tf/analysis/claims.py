@@ -10,9 +10,9 @@
 
 import os
 
+from s2s_tf.analysis import counterfactual
+from s2s_tf.analysis import effective
 from s2s_tf.models import s2s_model
-from s2s_tf.robustness import counterfactual
-from s2s_tf.robustness import effective
 from s2s_tf.robustness import evaluation
 
 # The threat models whose adversarial examples the effective-perturbation analysis reads.
