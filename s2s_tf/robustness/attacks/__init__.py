@@ -7,6 +7,7 @@ calls `registry.register(...)`, plus one import line below.
 
 from s2s_tf.robustness.attacks import apgd  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import cw_l2  # noqa: F401 (registers)
+from s2s_tf.robustness.attacks import fab  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import fgsm  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import mim  # noqa: F401 (registers)
 from s2s_tf.robustness.attacks import noise  # noqa: F401 (registers)
