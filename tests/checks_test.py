@@ -1,4 +1,4 @@
-"""Tests for s2s_tf/robustness/checks.py: sanity checks decided by exact paired tests."""
+"""Tests for s2s_tf/robustness/checks.py: convergence and masking checks by exact paired tests."""
 
 import numpy as np
 import tensorflow as tf
@@ -10,7 +10,11 @@ from s2s_tf.robustness import evaluation
 N = 40
 EPS = 8 / 255
 CONFIG = evaluation.EvalConfig(
-    attacks=("fgsm", "pgd"), adaptive_attacks=("pgd",), eps=(EPS,), steps=5, check_attack="pgd"
+    attacks=("pgd", "fgsm"),
+    eps=(EPS,),
+    steps=5,
+    check_attack="pgd",
+    surrogate_temperatures=(1.0, 3.0),
 )
 
 
@@ -22,26 +26,61 @@ def _correct(fooled):
 
 
 def _results(**fooled):
-    """A results dict in which each run fools the examples given (default: the first 20)."""
+    """A results dict in which each run fools the examples given (default: the first 20).
+
+    The reference runs (pgd) and the reruns attack every example; the cascade runs
+    (fgsm, square) only what is left, and count as "new" what they fool.
+    """
     base = range(20)
-    runs = {
-        "white_box/fgsm": fooled.get("white_fgsm", range(10)),
-        "white_box/pgd": fooled.get("white", base),
-        "gray_box/pgd": fooled.get("gray", range(15)),
-        "bpda/pgd": fooled.get("bpda", base),
-        "surrogate/pgd": fooled.get("surrogate", base),
-        "gradient_free/square": fooled.get("square", range(12)),
-        "check_more_steps/pgd": fooled.get("more_steps", base),
-        "check_restarts/pgd": fooled.get("restarts", base),
+    full = {
+        "white_box": fooled.get("white", base),
+        "gray_box": fooled.get("gray", range(15)),
+        "bpda": fooled.get("bpda", base),
+        "surrogate@1": fooled.get("surrogate", base),
+        "surrogate@3": fooled.get("surrogate_hot", range(5)),
+        "check_more_steps": fooled.get("more_steps", base),
+        "check_restarts": fooled.get("restarts", base),
+        "check_base": fooled.get("surrogate", base),
     }
-    per_example = {f"{k}/8/255": _correct(v) for k, v in runs.items()}
-    per_example["check_large_eps/pgd/64/255"] = _correct(fooled.get("large", range(N)))
+    per_example, runs = {}, {}
+    for threat, examples in full.items():
+        key = evaluation.run_key(threat, "pgd", EPS)
+        per_example[key] = _correct(examples)
+        runs[key] = {
+            "threat": threat,
+            "source": "surrogate@1",
+            "attack": "pgd",
+            "eps": "8/255",
+            "full": True,
+            "fooled": len(examples),
+            "new": 0,
+        }
+    del runs[evaluation.run_key("check_base", "pgd", EPS)]
+    new = fooled.get("square_new", 0)
+    key = "gradient_free/square/8/255"
+    per_example[key] = _correct(range(20, 20 + new))
+    runs[key] = {
+        "threat": "gradient_free",
+        "source": "gradient_free",
+        "attack": "square",
+        "eps": "8/255",
+        "full": False,
+        "fooled": new,
+        "new": new,
+    }
+    large = evaluation.run_key("check_large_eps", "pgd", CONFIG.large_eps)
+    per_example[large] = _correct(fooled.get("large", range(N)))
+    runs[large] = {
+        "threat": "check_large_eps",
+        "source": "surrogate@1",
+        "attack": "pgd",
+        "eps": evaluation.eps_key(CONFIG.large_eps),
+        "full": True,
+        "fooled": 0,
+        "new": 0,
+    }
     per_example["clean/defended"] = _correct([])
-    threats = {}
-    for key in runs:
-        threat, attack = key.split("/")
-        threats.setdefault(threat, {})[attack] = {"8/255": {}}
-    return {"per_example": per_example, "threats": threats}
+    return {"per_example": per_example, "runs": runs}
 
 
 def _by_outcome(found):
@@ -58,18 +97,25 @@ class ChecksTest(parameterized.TestCase, tf.test.TestCase):
         self.assertEqual(_by_outcome(found), {"failed": [], "undecided": []})
         for check in found[1:]:
             self.assertIn("McNemar p", check["detail"])
+        self.assertIn("surrogate@1 accuracy falls", found[0]["name"])
 
     @parameterized.named_parameters(
         ("large_eps_not_zero", dict(large=range(30)), "large eps"),
-        ("more_steps_help", dict(more_steps=range(30)), "twice the steps"),
+        (
+            "more_steps_help",
+            dict(more_steps=range(30)),
+            "more steps do not help pgd on surrogate@1",
+        ),
         ("restarts_help", dict(restarts=range(30)), "more restarts"),
-        ("single_step_stronger", dict(white_fgsm=range(30)), "single-step"),
-        ("gray_box_stronger", dict(gray=range(30)), "gray-box"),
+        ("gray_box_stronger", dict(gray=range(30)), "gray_box pgd does not beat white-box"),
         ("bpda_stronger", dict(bpda=range(30)), "bpda pgd does not beat"),
-        ("surrogate_stronger", dict(surrogate=range(30)), "surrogate pgd does not beat"),
-        ("gradient_free_stronger", dict(square=range(30)), "gradient_free square"),
+        ("surrogate_stronger", dict(surrogate=range(30)), "surrogate@1 pgd does not beat"),
+        ("square_in_the_cascade", dict(square_new=8), "gradient_free square"),
     )
     def test_each_failure_is_reported(self, fooled, name_part):
+        if "surrogate" in fooled:  # the reruns start from the strongest, the surrogate
+            fooled.setdefault("more_steps", fooled["surrogate"])
+            fooled.setdefault("restarts", fooled["surrogate"])
         failed = _by_outcome(checks.sanity_checks(_results(**fooled), CONFIG))["failed"]
         self.assertLen(failed, 1, failed)
         self.assertIn(name_part, failed[0])
@@ -81,20 +127,43 @@ class ChecksTest(parameterized.TestCase, tf.test.TestCase):
         self.assertLen(outcome["undecided"], 1)
         self.assertIn("bpda", outcome["undecided"][0])
 
-    def test_masking_is_judged_against_the_per_example_worst_white_box(self):
-        # APGD fools 0-19 and FGSM 20-29: together 0-29, so BPDA fooling 0-29 is no stronger.
-        results = _results(white_fgsm=range(20, 30), bpda=range(30))
-        outcome = _by_outcome(checks.sanity_checks(results, CONFIG))
-        self.assertFalse([n for n in outcome["failed"] if "bpda" in n], outcome)
+    @parameterized.named_parameters(
+        ("converged", dict(), True),
+        ("more_steps_help", dict(more_steps=range(30)), False),
+        ("restarts_help_a_little", dict(restarts=range(23)), None),
+    )
+    def test_convergence_verdict(self, fooled, expected):
+        convergence = checks.convergence(_results(**fooled), CONFIG)
+        self.assertEqual(convergence["8/255"]["source"], "surrogate@1")
+        self.assertIs(convergence["8/255"]["converged"], expected)
+        self.assertIs(checks.overall_convergence(convergence), expected)
+
+    def test_overall_convergence(self):
+        def of(*verdicts):
+            return checks.overall_convergence({i: {"converged": v} for i, v in enumerate(verdicts)})
+
+        self.assertIs(of(True, True), True)
+        self.assertIs(of(True, None), None)
+        self.assertIs(of(None, False), False)
+        self.assertIsNone(of())
 
     def test_adaptive_comparison_names_the_stronger_backward_pass(self):
         rows = checks.adaptive_comparison(_results(surrogate=range(35)), CONFIG)
         winners = {(r["a"], r["b"]): r["winner"] for r in rows}
+        pairs = {frozenset(p): w for p, w in winners.items()}
         self.assertEqual(
-            winners[("white_box/pgd/8/255", "surrogate/pgd/8/255")],
-            "surrogate/pgd/8/255",
+            pairs[frozenset(("white_box/pgd/8/255", "surrogate@1/pgd/8/255"))],
+            "surrogate@1/pgd/8/255",
         )
-        self.assertEqual(winners[("white_box/pgd/8/255", "bpda/pgd/8/255")], "neither")
+        self.assertEqual(pairs[frozenset(("white_box/pgd/8/255", "bpda/pgd/8/255"))], "neither")
+        self.assertNotIn("check_more_steps/pgd/8/255", {k for p in pairs for k in p})
+
+    def test_surrogate_sweep_names_the_winning_temperature(self):
+        sweep = checks.surrogate_sweep(_results(), CONFIG)
+        self.assertEqual(sweep["8/255"]["fooled"], {"surrogate@1": 20, "surrogate@3": 5})
+        self.assertEqual(sweep["8/255"]["winner"], "surrogate@1")
+        hot = checks.surrogate_sweep(_results(surrogate_hot=range(25)), CONFIG)
+        self.assertEqual(hot["8/255"]["winner"], "surrogate@3")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,41 @@
-"""Sanity checks against gradient masking, decided by exact paired tests at every eps.
+"""Sanity checks against gradient masking and of convergence, decided by exact paired tests.
 
 A defense that only hides its gradients looks strong under white-box attacks
 and collapses under others (Athalye et al. 2018; Carlini et al. 2019, "On
 Evaluating Adversarial Robustness"). Each check compares two runs on the same
 examples with McNemar's exact test (`stats.compare`) and fails only when the
 run that should be weaker fools significantly more examples (p < 0.05). Every
-check prints the discordant counts (fooled by A only / B only) and p, and a
-check whose discordant pairs are too few for any significant result says that
-it cannot be decided with the examples given (`passed` None) when the weaker
-run fools more examples but too few pairs differ for any significant result.
+check prints the discordant counts (fooled by A only / B only) and p; a check
+whose weaker run fools more but whose discordant pairs are too few for any
+significant result is undecided (`passed` None).
+
+The checks, at every eps:
+- convergence: the strongest reference run (the threat model where
+  `check_attack` fooled the most) rerun with twice the steps and with more
+  restarts must not fool significantly more; `convergence` turns these into
+  the headline's "converged" verdict;
+- masking: each threat model's reference run against white-box's (a
+  weaker-information attack that fools more means masked gradients), and the
+  gradient-free and transfer attacks against the whole gradient ensemble. A
+  cascade's gradient-free run attacks only what the gradient attacks left, so
+  its check counts what it fools there as fooled by it only (conservative);
+and once, at `large_eps`: the strongest threat model and the best surrogate
+must reach ~0 %.
 """
 
 import numpy as np
 
-from s2s_tf.robustness import attacks as attacks_lib
 from s2s_tf.robustness import stats
+from s2s_tf.robustness.evaluation import CHECK_BASE
+from s2s_tf.robustness.evaluation import LARGE_EPS
+from s2s_tf.robustness.evaluation import MORE_RESTARTS
+from s2s_tf.robustness.evaluation import MORE_STEPS
 from s2s_tf.robustness.evaluation import eps_key
 from s2s_tf.robustness.evaluation import run_key
 
-# White-box accuracy at the large eps must not exceed this.
+# Accuracy at the large eps must not exceed this.
 LARGE_EPS_MAX_ACCURACY = 0.05
+_CHECK_PREFIXES = (CHECK_BASE, MORE_STEPS, MORE_RESTARTS, LARGE_EPS)
 
 
 def _paired(per_example, key_a, key_b):
@@ -29,178 +45,236 @@ def _paired(per_example, key_a, key_b):
     return a[:n], b[:n]
 
 
-def _check(name, per_example, weaker, stronger, expectation):
-    """A check that run `stronger` is at least as strong as run `weaker`.
-
-    Fails when `weaker` fools significantly more examples than `stronger`.
-    """
-    a, b = _paired(per_example, stronger, weaker)
-    result = stats.compare(a, b)
+def _verdict(name, result, n, weaker, stronger, expectation):
     counts = (
         f"fooled by {stronger} only: {result['only_a']}, by {weaker} only: {result['only_b']}, "
-        f"exact McNemar p = {result['p_value']:.3g} on {len(a)} examples"
+        f"exact McNemar p = {result['p_value']:.3g} on {n} examples"
     )
     if result["b_stronger"]:
         passed, verdict = False, f"FAIL: {expectation}. "
     elif result["only_b"] > result["only_a"] and not result["decidable"]:
-        passed, verdict = None, "cannot be decided with these examples (too few discordant). "
+        passed, verdict = None, "undecided: too few discordant pairs for a significant result. "
     else:
         passed, verdict = True, ""
     return {"name": name, "passed": passed, "detail": verdict + counts, **result}
 
 
-def _strongest_white_box(per_example, attacks, eps):
-    """The per-example worst case over the white-box attacks at eps (a synthetic run key)."""
-    keys = [run_key("white_box", a, eps) for a in attacks]
-    keys = [k for k in keys if k in per_example]
-    if not keys:
-        return None
-    n = min(len(per_example[k]) for k in keys)
-    worst = np.ones(n, bool)
-    for key in keys:
-        worst &= np.asarray(per_example[key][:n], bool)
+def _check(name, per_example, weaker, stronger, expectation):
+    """A check that run `stronger` is at least as strong as run `weaker` (paired)."""
+    a, b = _paired(per_example, stronger, weaker)
+    return _verdict(name, stats.compare(a, b), len(a), weaker, stronger, expectation)
+
+
+def _check_new(name, new, n, weaker, stronger, expectation):
+    """A check from a count only: `weaker` fooled `new` examples `stronger` left robust.
+
+    For a cascade run, which never saw the examples the earlier runs fooled:
+    those count as fooled by neither, so the test is one-sided and conservative
+    (it fails sooner than a paired test would).
+    """
+    a, b = np.ones(n, bool), np.ones(n, bool)
+    b[:new] = False
+    return _verdict(name, stats.compare(a, b), n, weaker, stronger, expectation)
+
+
+def _runs_at(results, eps):
+    return {k: v for k, v in results.get("runs", {}).items() if v["eps"] == eps_key(eps)}
+
+
+def _reference_keys(results, config, eps):
+    """run name -> key of each threat model's reference (check_attack, every example) run."""
+    out = {}
+    for key, info in _runs_at(results, eps).items():
+        reference = info["full"] and info["attack"] == config.check_attack
+        if reference and not info["threat"].startswith(_CHECK_PREFIXES):
+            out[info["threat"]] = key
+    return out
+
+
+def _gradient_ensemble(results, config, eps):
+    """Per example, robust after every gradient run at eps (None when there are none)."""
+    per_example, worst = results["per_example"], None
+    for key, info in _runs_at(results, eps).items():
+        if info["attack"] in config.attacks and not info["threat"].startswith(LARGE_EPS):
+            correct = np.asarray(per_example[key], bool)
+            worst = correct if worst is None else worst[: len(correct)] & correct[: len(worst)]
     return worst
 
 
-def sanity_checks(results, config):
-    """Every check at every eps, as dicts with "name", "passed" (bool or None) and "detail".
+def convergence(results, config):
+    """Per eps: do twice the steps or more restarts of the strongest run still fool more?
 
-    Args:
-      results: `Evaluator.results` (with "per_example").
-      config: the run's `EvalConfig`.
+    Returns:
+      A dict eps key -> {"source", "more_steps", "more_restarts", "converged"}
+      ("converged" False when either rerun fools significantly more, None when
+      undecided, else True); eps without reruns are left out.
     """
-    per_example = dict(results["per_example"])
-    checks = [_large_eps_check(results, config)]
+    per_example, out = results["per_example"], {}
     for eps in config.eps:
-        checks += _optimisation_checks(per_example, config, eps)
-        worst = _strongest_white_box(per_example, config.attacks, eps)
-        if worst is None:
+        base = run_key(CHECK_BASE, config.check_attack, eps)
+        if base not in per_example:
             continue
-        best_key = f"white_box/best/{eps_key(eps)}"
-        per_example[best_key] = worst
-        for threat in ("bpda", "surrogate", "gradient_free"):
-            for attack in _attacks_of(results, threat):
-                key = run_key(threat, attack, eps)
-                if key in per_example:
-                    checks.append(
-                        _check(
-                            f"{threat} {attack} does not beat white-box ({eps_key(eps)})",
-                            per_example,
-                            key,
-                            best_key,
-                            "a weaker-information attack fools more: possible gradient masking",
-                        )
-                    )
-        for key in [
-            k for k in per_example if k.startswith("transfer/") and k.endswith(eps_key(eps))
-        ]:
-            checks.append(
-                _check(
-                    f"{key.split('/')[1]} transfer does not beat the white-box attacks",
+        row = {"source": results["runs"].get(run_key(MORE_STEPS, config.check_attack, eps), {})}
+        row["source"] = row["source"].get("source")
+        for rerun, what in ((MORE_STEPS, "more_steps"), (MORE_RESTARTS, "more_restarts")):
+            key = run_key(rerun, config.check_attack, eps)
+            if key in per_example:
+                row[what] = _check(
+                    f"{what.replace('_', ' ')} do not help {config.check_attack} on "
+                    f"{row['source']} ({eps_key(eps)})",
                     per_example,
                     key,
-                    best_key,
-                    "a transfer attack fools more: possible gradient masking",
+                    base,
+                    "the attack has not converged: more effort still fools more examples",
+                )
+        verdicts = [row[w]["passed"] for w in ("more_steps", "more_restarts") if w in row]
+        by_rerun = {i: {"converged": v} for i, v in enumerate(verdicts)}
+        row["converged"] = overall_convergence(by_rerun)
+        out[eps_key(eps)] = row
+    return out
+
+
+def overall_convergence(convergence_by_eps):
+    """False if any eps is not converged, None if any is undecided (or none ran), else True."""
+    verdicts = [row["converged"] for row in convergence_by_eps.values()]
+    if not verdicts or (None in verdicts and False not in verdicts):
+        return None
+    return False not in verdicts
+
+
+def sanity_checks(results, config):
+    """Every check, as dicts with "name", "passed" (bool or None) and "detail".
+
+    Args:
+      results: `Evaluator.results` (with "per_example" and "runs").
+      config: the run's `EvalConfig`.
+    """
+    per_example = results["per_example"]
+    checks = _large_eps_checks(results, config)
+    for eps in config.eps:
+        conv = convergence(results, config).get(eps_key(eps), {})
+        checks += [conv[w] for w in ("more_steps", "more_restarts") if w in conv]
+        references = _reference_keys(results, config, eps)
+        white = references.get("white_box")
+        for threat, key in references.items():
+            if white is None or threat == "white_box":
+                continue
+            checks.append(
+                _check(
+                    f"{threat} {config.check_attack} does not beat white-box ({eps_key(eps)})",
+                    per_example,
+                    key,
+                    white,
+                    "a weaker-information attack fools more: possible gradient masking",
                 )
             )
+        checks += _ensemble_checks(results, config, eps)
     return checks
 
 
-def _attacks_of(results, threat):
-    return list(results.get("threats", {}).get(threat, {}))
+def _ensemble_checks(results, config, eps):
+    """Gradient-free and transfer runs against the whole gradient ensemble."""
+    per_example, checks = results["per_example"], []
+    ensemble = _gradient_ensemble(results, config, eps)
+    if ensemble is None:
+        return checks
+    name = f"gradient_ensemble/{eps_key(eps)}"
+    expectation = "it fools examples every gradient attack left robust: possible masking"
+    for key, info in _runs_at(results, eps).items():
+        if info["attack"] in config.attacks or info["threat"].startswith(_CHECK_PREFIXES):
+            continue
+        title = f"{info['threat']} {info['attack']} does not beat the gradient attacks"
+        if info["full"]:
+            paired = {**per_example, name: ensemble}
+            checks.append(_check(f"{title} ({eps_key(eps)})", paired, key, name, expectation))
+        else:
+            checks.append(
+                _check_new(
+                    f"{title} ({eps_key(eps)}, cascade)",
+                    info["new"],
+                    len(ensemble),
+                    key,
+                    name,
+                    expectation,
+                )
+            )
+    for key in [k for k in per_example if k.startswith("transfer/") and k.endswith(eps_key(eps))]:
+        paired = {**per_example, name: ensemble}
+        checks.append(
+            _check(
+                f"{key.split('/')[1]} transfer does not beat the gradient attacks",
+                paired,
+                key,
+                name,
+                "a transfer attack fools more: possible gradient masking",
+            )
+        )
+    return checks
 
 
-def _large_eps_check(results, config):
-    key = run_key("check_large_eps", config.check_attack, config.large_eps)
-    correct = np.asarray(results["per_example"].get(key, []), bool)
-    if not len(correct):
-        return {
-            "name": "White-box accuracy falls to ~0% at large eps",
-            "passed": None,
-            "detail": "not run",
-        }
-    k, n = int(correct.sum()), len(correct)
-    low, high = stats.wilson_interval(k, n)
-    return {
-        "name": "White-box accuracy falls to ~0% at large eps",
-        "passed": k / n <= LARGE_EPS_MAX_ACCURACY,
-        "detail": f"{config.check_attack} at eps={eps_key(config.large_eps)}: {k}/{n} correct "
-        f"({k / n:.1%}, 95% CI {low:.1%}-{high:.1%}; must be <= {LARGE_EPS_MAX_ACCURACY:.0%})",
-    }
-
-
-def _optimisation_checks(per_example, config, eps):
-    """More steps and restarts do not help; iterative beats single-step; white beats gray."""
+def _large_eps_checks(results, config):
     checks = []
-    base = run_key("white_box", config.check_attack, eps)
-    if base in per_example:
-        for rerun, what in (
-            ("check_more_steps", "twice the steps"),
-            ("check_restarts", "more restarts"),
-        ):
-            key = run_key(rerun, config.check_attack, eps)
-            if key in per_example:
+    for prefix in (LARGE_EPS, f"{LARGE_EPS}_surrogate"):
+        key = run_key(prefix, config.check_attack, config.large_eps)
+        correct = np.asarray(results["per_example"].get(key, []), bool)
+        if not len(correct):
+            if prefix == LARGE_EPS:
                 checks.append(
-                    _check(
-                        f"{what} do not help {config.check_attack} ({eps_key(eps)})",
-                        per_example,
-                        key,
-                        base,
-                        "the attack is under-optimised: its numbers overstate robustness",
-                    )
+                    {
+                        "name": "Accuracy falls to ~0% at large eps",
+                        "passed": None,
+                        "detail": "not run",
+                    }
                 )
-    white = [a for a in config.attacks if run_key("white_box", a, eps) in per_example]
-    single = [a for a in white if not attacks_lib.ATTACKS[a].iterative]
-    for s in single:
-        for m in [a for a in white if attacks_lib.ATTACKS[a].iterative]:
-            checks.append(
-                _check(
-                    f"iterative {m} at least as strong as single-step {s} ({eps_key(eps)})",
-                    per_example,
-                    run_key("white_box", s, eps),
-                    run_key("white_box", m, eps),
-                    "a single step fools more than the iterative attack: possible masking",
-                )
-            )
-    for attack in white:
-        gray = run_key("gray_box", attack, eps)
-        if gray in per_example:
-            checks.append(
-                _check(
-                    f"white-box {attack} at least as strong as gray-box {attack} ({eps_key(eps)})",
-                    per_example,
-                    gray,
-                    run_key("white_box", attack, eps),
-                    "the end-to-end gradient is weaker than the classifier's: possible masking",
-                )
-            )
+            continue
+        source = results.get("runs", {}).get(key, {}).get("source", "?")
+        k, n = int(correct.sum()), len(correct)
+        low, high = stats.wilson_interval(k, n)
+        checks.append(
+            {
+                "name": f"{source} accuracy falls to ~0% at large eps",
+                "passed": k / n <= LARGE_EPS_MAX_ACCURACY,
+                "detail": f"{config.check_attack} on {source} at eps={eps_key(config.large_eps)}: "
+                f"{k}/{n} correct ({k / n:.1%}, 95% CI {low:.1%}-{high:.1%}; "
+                f"must be <= {LARGE_EPS_MAX_ACCURACY:.0%})",
+            }
+        )
     return checks
 
 
 def adaptive_comparison(results, config):
-    """Which backward pass attacks best, per eps: white-box vs BPDA vs surrogate (for the report).
+    """Which backward pass attacks best, per eps: every pair of reference runs (for the report).
 
     Returns:
       A list of rows {"eps", "a", "b", "only_a", "only_b", "p_value", "winner"}.
     """
-    per_example = results["per_example"]
-    rows = []
+    per_example, rows = results["per_example"], []
     for eps in config.eps:
-        for attack in config.adaptive_attacks:
-            keys = [run_key(t, attack, eps) for t in ("white_box", "bpda", "surrogate")]
-            keys = [k for k in keys if k in per_example]
-            for i, key_a in enumerate(keys):
-                for key_b in keys[i + 1 :]:
-                    a, b = _paired(per_example, key_a, key_b)
-                    result = stats.compare(a, b)
-                    winner = (
-                        key_b
-                        if result["b_stronger"]
-                        else key_a
-                        if result["a_stronger"]
-                        else "neither"
-                    )
-                    rows.append(
-                        {"eps": eps_key(eps), "a": key_a, "b": key_b, "winner": winner, **result}
-                    )
+        keys = list(_reference_keys(results, config, eps).values())
+        for i, key_a in enumerate(keys):
+            for key_b in keys[i + 1 :]:
+                a, b = _paired(per_example, key_a, key_b)
+                result = stats.compare(a, b)
+                winner = (
+                    key_b if result["b_stronger"] else key_a if result["a_stronger"] else "neither"
+                )
+                rows.append(
+                    {"eps": eps_key(eps), "a": key_a, "b": key_b, "winner": winner, **result}
+                )
     return rows
+
+
+def surrogate_sweep(results, config):
+    """Per eps: examples each surrogate temperature's reference run fooled, and the winner."""
+    out = {}
+    for eps in config.eps:
+        fooled = {
+            info["threat"]: info["fooled"]
+            for info in _runs_at(results, eps).values()
+            if info["full"]
+            and info["attack"] == config.check_attack
+            and info["threat"].startswith("surrogate@")
+        }
+        if fooled:
+            out[eps_key(eps)] = {"fooled": fooled, "winner": max(fooled, key=fooled.get)}
+    return out

@@ -233,6 +233,7 @@ def run_attack(
     clip_min=0.0,
     clip_max=1.0,
     progress=None,
+    indices=None,
     **overrides,
 ):
     """Attacks `images` with a registered attack and returns the adversarial images.
@@ -267,6 +268,10 @@ def run_attack(
       clip_max: highest pixel value.
       progress: optional callable(done, total) told after each batch, for
         progress bars.
+      indices: int [N], each example's index for its random start (default
+        0..N-1): pass the examples' indices in the whole evaluation when
+        attacking a subset, so each example gets the same start as in a run
+        on every example.
       **overrides: attack parameters, e.g. decay_factor=0.5 for mim or
         binary_search_steps=9 for cw_l2 (see `ATTACKS[name].defaults`).
 
@@ -299,12 +304,15 @@ def run_attack(
     step_t = None if step is None else tf.constant(step, tf.float32)
     n_runs = restarts if spec.stochastic else 1
     batch_size = min(batch_size or DEFAULT_BATCH_SIZE, len(images))
+    indices = np.arange(len(images)) if indices is None else np.asarray(indices, np.int64)
+    if indices.shape != (len(images),):
+        raise ValueError(f"indices must have one entry per image, got shape {indices.shape}")
     out = np.empty_like(images)
     batches = _padded_batches((images, attack_labels), batch_size)
     for start, stop, (x, y) in batches:
         x_t, y_t = tf.constant(x), tf.constant(y)
         # Lazy generators: each run is scored before the next one starts.
-        index = np.minimum(np.arange(start, start + len(x)), len(images) - 1)  # padded rows
+        index = indices[np.minimum(np.arange(start, start + len(x)), len(images) - 1)]  # padded
         seeds = (example_seeds(seed, index, run) for run in range(n_runs))
         advs = (np.asarray(runner(x_t, y_t, eps_t, step_t, seed_t)) for seed_t in seeds)
         runs = (enforce_budget(spec, x, adv, eps, clip_min, clip_max) for adv in advs)
@@ -313,6 +321,38 @@ def run_attack(
         if progress is not None:
             progress(stop, len(images))
     return out
+
+
+def check_gradients(model_fn, images, labels, what):
+    """Raises ValueError when the input gradient of `model_fn` is all zero or not finite.
+
+    An attack on a model whose gradient is disconnected (a `tf.stop_gradient`
+    inside, `unconnected_gradients=ZERO`) or NaN would silently become random
+    noise and report robustness that was never tested.
+
+    Args:
+      model_fn: the model the gradient attacks differentiate.
+      images: float32 [N, ...] in [0, 1] (one batch suffices).
+      labels: int [N].
+      what: names the model in the error (e.g. the threat model).
+    """
+    x = tf.constant(np.asarray(images, np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = model_fn(x)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            tf.constant(np.asarray(labels, np.int32)), tf.cast(logits, tf.float32)
+        )
+    grad = tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    grad = np.asarray(grad)
+    if not np.all(np.isfinite(grad)):
+        raise ValueError(f"{what}: the input gradient is NaN or infinite; no attack can use it")
+    if not np.any(grad):
+        raise ValueError(
+            f"{what}: the input gradient is zero for the whole batch of {len(grad)} examples "
+            "(disconnected, e.g. a tf.stop_gradient in the model); a gradient attack on it "
+            "would only add noise"
+        )
 
 
 def predict(model_fn, images, batch_size=DEFAULT_BATCH_SIZE):

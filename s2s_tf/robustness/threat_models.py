@@ -11,12 +11,16 @@ it runs; the examples are always scored on D (and, for gray-box, on C too):
   pass (Athalye et al. 2018);
 - surrogate: examples made on D with P's backward pass replaced by a smooth
   surrogate (soft routing of the unpooling switches), an adaptive attack on
-  S2SNet's shattered gradients;
+  S2SNet's shattered gradients; one variant per relative temperature
+  ("surrogate@0.3", ...), each pool's temperature scaled by its measured
+  activation scale (`surrogates.calibrate`);
 - gradient_free: score-based attacks on D (no gradients at all), on a subset;
 - transfer: examples made on one model (each classifier, defended or not),
   evaluated on every other (a matrix; run by `evaluation.Evaluator`).
 
-A new threat model is one `register(ThreatModel(...))` call here.
+They are registered strongest-first (the order of an AutoAttack-style
+cascade; `EvalConfig.threat_models` may reorder them). A new threat model is
+one `register(ThreatModel(...))` call here.
 """
 
 import dataclasses
@@ -51,14 +55,26 @@ class Models:
     def __post_init__(self):
         self.bpda = runner.bpda_model_fn(self.purifier, self.classifier)
         self._surrogates = {}
+        # Pool name -> activation scale of the surrogate's relative temperatures.
+        self.scales = None
 
-    def surrogate(self, temperature):
-        """D in the forward pass, the soft-routing surrogate of P in the backward pass."""
-        if temperature not in self._surrogates:
+    def calibrate(self, images):
+        """Measures the surrogate's per-pool scales on `images` (once; later calls keep them)."""
+        if self.scales is None:
             from s2s_tf.robustness import surrogates  # the surrogate needs the model internals
 
+            self.scales = surrogates.calibrate(self.purifier, images)
+        return self.scales
+
+    def surrogate(self, temperature):
+        """D forward, the soft-routing surrogate of P backward, at a relative temperature."""
+        if self.scales is None:
+            raise ValueError("call Models.calibrate(images) before building surrogates")
+        if temperature not in self._surrogates:
+            from s2s_tf.robustness import surrogates
+
             self._surrogates[temperature] = surrogates.soft_routing_model_fn(
-                self.purifier, self.classifier, temperature
+                self.purifier, self.classifier, temperature, scales=self.scales
             )
         return self._surrogates[temperature]
 
@@ -77,6 +93,11 @@ class ThreatModel:
       steps: config -> the iterations of its attacks (those without an own
         schedule); None: the evaluation's `steps`.
       score_classifier: also report the undefended classifier's accuracy.
+      gradient: whether its attacks differentiate (the attack suite runs
+        through it; its model's gradient is checked before any attack).
+      variants: (models, config) -> {run name: model_fn}, for a threat model
+        with several versions (the surrogate's temperatures); None: one,
+        named `name`, attacking `attacker(models, config)`.
     """
 
     name: str
@@ -86,6 +107,14 @@ class ThreatModel:
     num_examples: Callable[[Any, int], int] = lambda config, n: n
     steps: Callable[[Any], int] | None = None
     score_classifier: bool = False
+    gradient: bool = True
+    variants: Callable[[Models, Any], dict] | None = None
+
+    def sources(self, models, config):
+        """{run name: the model_fn attacked} of each version of this threat model."""
+        if self.variants is not None:
+            return self.variants(models, config)
+        return {self.name: self.attacker(models, config)}
 
 
 def register(threat):
@@ -94,6 +123,11 @@ def register(threat):
         raise ValueError(f"threat model {threat.name!r} is registered twice.")
     THREATS[threat.name] = threat
     return threat
+
+
+def variant_name(threat, temperature):
+    """The run name of one temperature of a threat model: "surrogate@0.3"."""
+    return f"{threat}@{temperature:g}"
 
 
 def get(name):
@@ -105,11 +139,21 @@ def get(name):
 
 register(
     ThreatModel(
-        "gray_box",
-        "gray-box (made on the classifier, fed to the defended model)",
-        lambda models, config: models.classifier,
+        "surrogate",
+        "soft-routing surrogate (smooth unpooling switches in the backward pass)",
+        lambda models, config: models.surrogate(config.surrogate_temperatures[0]),
         lambda config: config.attacks,
-        score_classifier=True,
+        variants=lambda models, config: {
+            variant_name("surrogate", t): models.surrogate(t) for t in config.surrogate_temperatures
+        },
+    )
+)
+register(
+    ThreatModel(
+        "bpda",
+        "BPDA (autoencoder as identity in the backward pass)",
+        lambda models, config: models.bpda,
+        lambda config: config.attacks,
     )
 )
 register(
@@ -122,18 +166,11 @@ register(
 )
 register(
     ThreatModel(
-        "bpda",
-        "BPDA (autoencoder as identity in the backward pass)",
-        lambda models, config: models.bpda,
-        lambda config: config.adaptive_attacks,
-    )
-)
-register(
-    ThreatModel(
-        "surrogate",
-        "soft-routing surrogate (smooth unpooling switches in the backward pass)",
-        lambda models, config: models.surrogate(config.surrogate_temperature),
-        lambda config: config.adaptive_attacks,
+        "gray_box",
+        "gray-box (made on the classifier, fed to the defended model)",
+        lambda models, config: models.classifier,
+        lambda config: config.attacks,
+        score_classifier=True,
     )
 )
 register(
@@ -142,8 +179,9 @@ register(
         "gradient-free (score-based, forward passes only)",
         lambda models, config: models.defended,
         lambda config: config.gradient_free_attacks,
-        num_examples=lambda config, n: min(n, config.gradient_free_examples),
+        num_examples=lambda config, n: min(n, config.gradient_free_examples or n),
         steps=lambda config: config.gradient_free_queries,
+        gradient=False,
     )
 )
 register(
@@ -152,5 +190,6 @@ register(
         "transfer (made on one model, evaluated on another)",
         None,
         lambda config: (config.transfer_attack,),
+        gradient=False,
     )
 )

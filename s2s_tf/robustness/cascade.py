@@ -1,0 +1,188 @@
+"""The run plan of an evaluation: reference runs, the attack cascade, convergence reruns.
+
+`Cascade(evaluator).run()` fills the evaluator's `results["per_example"]` and
+`results["runs"]` (see `evaluation` for the order of the runs and why).
+Every gradient threat model's model is checked first: a gradient that is zero
+for a whole batch, or not finite, stops the evaluation with an error naming
+the threat model, instead of letting the attacks degrade to noise.
+"""
+
+import numpy as np
+
+from s2s_tf.robustness import attacks as attacks_lib
+from s2s_tf.robustness import runner
+from s2s_tf.robustness import threat_models
+from s2s_tf.robustness.evaluation import CHECK_BASE
+from s2s_tf.robustness.evaluation import LARGE_EPS
+from s2s_tf.robustness.evaluation import MORE_RESTARTS
+from s2s_tf.robustness.evaluation import MORE_STEPS
+from s2s_tf.robustness.evaluation import eps_key
+from s2s_tf.robustness.evaluation import run_key
+
+# Examples of the gradient check.
+_GUARD_EXAMPLES = 32
+
+
+class Cascade:
+    """Runs an `evaluation.Evaluator`'s attacks in order, each on the examples it must see."""
+
+    def __init__(self, evaluator):
+        self.ev, self.config = evaluator, evaluator.config
+        models, config = evaluator.models, evaluator.config
+        # run name -> (threat model, model_fn), in the configured order.
+        self.sources = {}
+        for name in config.threat_models:
+            threat = threat_models.get(name)
+            if threat.gradient:
+                for variant, model_fn in threat.sources(models, config).items():
+                    self.sources[variant] = (threat, model_fn)
+        self.free = [
+            threat_models.get(n)
+            for n in config.threat_models
+            if not threat_models.get(n).gradient and threat_models.get(n).attacker is not None
+        ]
+
+    def run(self):
+        """Every run at every eps, then the large-eps runs."""
+        self._guard()
+        strongest = None
+        for eps in self.config.eps:
+            robust = self.ev.clean["defended"].copy()
+            references = {}
+            for variant, (threat, model_fn) in self.sources.items():
+                attack = self.config.check_attack
+                references[variant] = self._run(variant, threat, attack, model_fn, eps, robust)
+            for variant, (threat, model_fn) in self.sources.items():
+                for attack in self.config.attacks:
+                    if attack != self.config.check_attack:
+                        full = not self.config.cascade
+                        self._run(variant, threat, attack, model_fn, eps, robust, full=full)
+            for threat in self.free:
+                model_fn = threat.attacker(self.ev.models, self.config)
+                for attack in threat.attacks(self.config):
+                    full = not self.config.cascade
+                    self._run(threat.name, threat, attack, model_fn, eps, robust, full=full)
+            if references:
+                strongest = max(references, key=lambda v: references[v]["fooled"])
+                self._convergence(strongest, eps, robust)
+        if strongest is not None:
+            self._large_eps(strongest)
+
+    def _guard(self):
+        images = self.ev.images[:_GUARD_EXAMPLES]
+        labels = self.ev.labels[:_GUARD_EXAMPLES]
+        for variant, (_, model_fn) in self.sources.items():
+            runner.check_gradients(model_fn, images, labels, f"threat model {variant!r}")
+
+    def _run(self, variant, threat, attack, model_fn, eps, robust, *, full=True, **kw):
+        """One attack run at `eps`; updates `robust` (bool [N], in place) and the results.
+
+        Args:
+          variant: the run's threat name (a threat model or one of its variants).
+          threat: its `ThreatModel`.
+          attack: the attack's name.
+          model_fn: the model attacked.
+          eps: the budget.
+          robust: per example, robust after every earlier run at this eps.
+          full: attack every clean-correct example (else only the `robust` ones).
+          **kw: `key` (the run key, default from variant/attack/eps), `overrides`
+            (attack parameters), `record_as` (the threat name of the row).
+
+        Returns:
+          The run's info dict (also stored in `results["runs"]`).
+        """
+        ev, config = self.ev, self.config
+        key = kw.get("key") or run_key(variant, attack, eps)
+        clean = ev.clean["defended"]
+        candidates = clean | ev.clean["classifier"] if threat.score_classifier else clean
+        limit = threat.num_examples(config, len(clean))
+        indices = np.flatnonzero((candidates if full else robust)[:limit])
+        overrides = dict(kw.get("overrides", {}))
+        if threat.steps and not attacks_lib.get_spec(attack).own_schedule:
+            overrides.setdefault("steps", threat.steps(config))
+        scored = {"defended": ev.models.defended}
+        if threat.score_classifier and full:
+            scored["classifier"] = ev.models.classifier
+        self.ev.progress(
+            f"{variant}: {attack} eps={eps_key(eps)} on {len(indices)} examples"
+            + ("" if full else f" (cascade: {int(robust.sum())} still robust)")
+        )
+        correct = {k: np.ones(0, bool) for k in scored}
+        if len(indices):
+            correct = ev.run_attack(key, attack, model_fn, eps, indices, scored, **overrides)
+        survived = clean.copy()
+        survived[indices] &= correct["defended"]
+        fooled = ~correct["defended"] & clean[indices]
+        new = int(np.sum(robust[indices] & fooled))
+        robust[indices] &= correct["defended"]
+        per_example = ev.results["per_example"]
+        per_example[key] = [int(c) for c in survived]
+        if "classifier" in correct:
+            by_classifier = ev.clean["classifier"].copy()
+            by_classifier[indices] &= correct["classifier"]
+            per_example[f"{key}#classifier"] = [int(c) for c in by_classifier]
+        info = {
+            "threat": kw.get("record_as", variant),
+            "source": variant,
+            "attack": attack,
+            "eps": eps_key(eps),
+            "full": bool(full),
+            "attacked": len(indices),
+            "fooled": int(fooled.sum()),
+            "new": new,
+            "robust_after": int(robust.sum()),
+            "seconds": float(ev.results["timing"].get(key, 0.0)),
+        }
+        ev.results["runs"][key] = info
+        return info
+
+    def _convergence(self, strongest, eps, robust):
+        """Reruns the strongest reference run with twice the steps and with more restarts."""
+        config, attack = self.config, self.config.check_attack
+        threat, model_fn = self.sources[strongest]
+        per_example = self.ev.results["per_example"]
+        per_example[run_key(CHECK_BASE, attack, eps)] = list(
+            per_example[run_key(strongest, attack, eps)]
+        )
+        reruns = (
+            (MORE_STEPS, {"steps": 2 * config.steps}),
+            (MORE_RESTARTS, {"restarts": config.restarts + config.check_extra_restarts}),
+        )
+        for name, overrides in reruns:
+            self._run(
+                strongest,
+                threat,
+                attack,
+                model_fn,
+                eps,
+                robust,
+                key=run_key(name, attack, eps),
+                overrides=overrides,
+                record_as=name,
+            )
+
+    def _large_eps(self, strongest):
+        """The strongest threat model and the best surrogate at `large_eps` (must reach ~0 %)."""
+        config, attack = self.config, self.config.check_attack
+        variants = [strongest]
+        surrogates = [v for v, (t, _) in self.sources.items() if t.name == "surrogate"]
+        if surrogates and strongest not in surrogates:
+            runs = self.ev.results["runs"]
+            largest = max(config.eps)
+            variants.append(
+                max(surrogates, key=lambda v: runs[run_key(v, attack, largest)]["fooled"])
+            )
+        for i, variant in enumerate(variants):
+            threat, model_fn = self.sources[variant]
+            name = LARGE_EPS if i == 0 else f"{LARGE_EPS}_surrogate"
+            robust = self.ev.clean["defended"].copy()
+            self._run(
+                variant,
+                threat,
+                attack,
+                model_fn,
+                config.large_eps,
+                robust,
+                key=run_key(name, attack, config.large_eps),
+                record_as=name,
+            )
