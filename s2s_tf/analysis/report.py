@@ -99,6 +99,8 @@ def markdown(document, files):
     out += ["", "## Clean accuracy", ""]
     out.append(_table(["model", "accuracy"], [(k, _pct(v)) for k, v in results["clean"].items()]))
     out += _headline_section(results.get("headline", {}))
+    out += _convergence_section(results)
+    out += _cascade_section(results)
     for threat, table in results.get("threats", {}).items():
         out += _threat_section(threat, table)
     out += _transfer_section(results.get("transfer"), document.get("relations"))
@@ -150,14 +152,94 @@ def _headline_section(headline):
     ]
 
 
+def _convergence_section(results):
+    """Whether more attack effort still fooled more examples, per eps (see `checks.convergence`)."""
+    convergence = results.get("convergence")
+    if not convergence:
+        return []
+    verdict = {True: "converged", False: "**NOT CONVERGED**", None: "undecided"}
+    rows = []
+    for eps, row in convergence.items():
+        counts = [
+            f"{row[w]['only_b']} more / {row[w]['only_a']} fewer (p = {row[w]['p_value']:.3g})"
+            for w in ("more_steps", "more_restarts")
+            if w in row
+        ]
+        rows.append((eps, row.get("source"), *counts, verdict[row["converged"]]))
+    out = [
+        "",
+        f"**Attack convergence: {verdict[results.get('converged')]}.** At each eps the reference "
+        "attack is rerun, on the threat model where it fooled the most, with twice the steps and "
+        "with more restarts (every rerun also counts in the worst case above). When more effort "
+        "still fools significantly more examples (exact McNemar), the headline is not converged: "
+        "stronger attacks would likely lower it further.",
+        "",
+        _table(["eps", "rerun on", "twice the steps", "more restarts", "verdict"], rows),
+    ]
+    sweep = results.get("surrogate_sweep", {})
+    if sweep:
+        cells = [
+            f"{eps}: "
+            + ", ".join(f"{t} {n}" for t, n in row["fooled"].items())
+            + f" (most: {row['winner']})"
+            for eps, row in sweep.items()
+        ]
+        out += ["", "Surrogate temperatures (examples fooled by the reference attack): "]
+        out += [f"- {c}" for c in cells]
+    return out
+
+
+def _cascade_section(results):
+    """The runs in order at each eps: examples attacked, newly fooled, seconds."""
+    runs = results.get("runs", {})
+    if not runs:
+        return []
+    rows = [
+        (
+            info["eps"],
+            f"{info['threat']} / {info['attack']}" + ("" if info["full"] else " (cascade)"),
+            info["attacked"],
+            info["fooled"],
+            info["new"],
+            info.get("robust_after", ""),
+            f"{info.get('seconds', 0.0):.1f}",
+        )
+        for info in runs.values()
+        if not info["threat"].startswith("check_large_eps")
+    ]
+    return [
+        "",
+        "## Attack runs in order",
+        "",
+        "Reference runs attack every clean-correct example; cascade runs only the examples still "
+        "robust after every earlier run at that eps. 'new': fooled by no earlier run.",
+        "",
+        _table(["eps", "run", "attacked", "fooled", "new", "robust after", "seconds"], rows),
+    ]
+
+
+def _threat_title(threat):
+    base, _, temperature = threat.partition("@")
+    if base not in threat_models.THREATS:
+        return threat
+    title = threat_models.THREATS[base].title
+    return f"{title}, relative temperature {temperature}" if temperature else title
+
+
 def _threat_section(threat, table):
     if not table:
         return []
-    title = threat_models.THREATS[threat].title if threat in threat_models.THREATS else threat
+    title = _threat_title(threat)
     eps_keys = list(next(iter(table.values())).keys())
     rows = []
     for attack, by_eps in table.items():
-        rows.append([f"{attack} (defended)"] + [_pct(by_eps[e]["defended"]) for e in eps_keys])
+        if all("defended" in by_eps[e] for e in eps_keys):
+            rows.append([f"{attack} (defended)"] + [_pct(by_eps[e]["defended"]) for e in eps_keys])
+        else:
+            rows.append(
+                [f"{attack} (cascade: worst case so far)"]
+                + [_pct(by_eps[e].get("robust_after")) for e in eps_keys]
+            )
         if any("classifier" in by_eps[e] for e in eps_keys):
             rows.append(
                 [f"{attack} (classifier alone)"]
@@ -285,7 +367,7 @@ def plot_accuracy_vs_eps(results, path):
             continue
         for attack, by_eps in table.items():
             xs = [_eps_value(e) for e in by_eps]
-            ys = [100 * v["defended"] for v in by_eps.values()]
+            ys = [100 * v.get("defended", v.get("robust_after", 0.0)) for v in by_eps.values()]
             ax.plot(xs, ys, marker="o", label=f"{threat}: {attack}")
     headline = results.get("headline", {})
     if headline:

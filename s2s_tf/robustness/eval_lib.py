@@ -186,7 +186,8 @@ def _tensorboard(outdir, results, gradients):
         for threat, table in results["threats"].items():
             for attack, by_eps in table.items():
                 for eps, row in by_eps.items():
-                    tf.summary.scalar(f"{threat}/{attack}/eps_{eps}", row["defended"])
+                    value = row.get("defended", row.get("robust_after"))
+                    tf.summary.scalar(f"{threat}/{attack}/eps_{eps}", value)
         for eps, row in results.get("headline", {}).items():
             tf.summary.scalar(f"robust_accuracy/eps_{eps}", row["robust_accuracy"])
         for model, stats in gradients.items():
@@ -271,7 +272,11 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
     )
     _tensorboard(outdir, results, gradients)
     failed = [c["name"] for c in checks if c["passed"] is False]
-    progress(f"report: {paths['markdown']} ({len(failed)} sanity check(s) failed)")
+    converged = {True: "converged", False: "NOT CONVERGED", None: "convergence undecided"}
+    progress(
+        f"report: {paths['markdown']} ({len(failed)} sanity check(s) failed; attacks "
+        f"{converged[results.get('converged')]})"
+    )
     return document
 
 
