@@ -74,7 +74,7 @@ class EvalConfig:
         relative to each pool's measured scale (`surrogates.calibrate`), each
         a threat model of its own ("surrogate@1").
       surrogate_calibration_examples: the first examples that set the scales.
-      check_attack: the reference attack: it runs on every example in every
+      check_attack: the reference attack (default: the first of `attacks`): it runs on every example in every
         gradient threat model (paired runs for the masking checks), and the
         convergence checks rerun it, on the threat model where it fooled the
         most, with twice the steps and with more restarts.
@@ -140,13 +140,17 @@ class EvalConfig:
     surrogate_calibration_examples: int = setting(
         256, "Examples that measure the surrogate's per-pool scales.", lower_bound=1
     )
-    check_attack: str = "apgd_ce"
+    check_attack: str | None = None
     check_extra_restarts: int = 2
     large_eps: float = 64 / 255
     transfer_attack: str = "pgd"
     transfer_eps: float | None = None
     l2_eps_scale: float = 0.5
     seed: int = 0
+
+    def __post_init__(self):
+        if self.check_attack is None and self.attacks:
+            object.__setattr__(self, "check_attack", self.attacks[0])
 
     def validate(self):
         """Raises ValueError naming the first invalid field."""
