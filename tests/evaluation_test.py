@@ -208,6 +208,10 @@ class EvaluatorTest(tf.test.TestCase):
         self.assertIn("  pgd: 3/6 examples", messages)
         self.assertLen(evaluator.adversarial["white_box/pgd/16/255"], 6)
         self.assertIn(results["converged"], (True, False, None))
+        difference = results["gradient_difference"]
+        self.assertEqual(difference["white_box"], 0.0)  # the end-to-end gradient itself
+        self.assertGreater(difference["surrogate@1"], 0.01)
+        self.assertGreater(difference["bpda"], 0.01)
         self.assertEqual(set(results["convergence"]), {"4/255", "16/255"})
 
     def test_the_suite_runs_through_every_gradient_threat_model(self):

@@ -176,6 +176,15 @@ def _convergence_section(results):
         "",
         _table(["eps", "rerun on", "twice the steps", "more restarts", "verdict"], rows),
     ]
+    difference = results.get("gradient_difference", {})
+    if difference:
+        out += [
+            "",
+            "Distance of each threat model's input gradient from the end-to-end one, "
+            "|g - g_e2e| / |g_e2e| on the first examples (near 0: the same backward pass; a "
+            "surrogate near 0 would be hard routing again): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in difference.items()),
+        ]
     sweep = results.get("surrogate_sweep", {})
     if sweep:
         cells = [

@@ -69,10 +69,21 @@ class Cascade:
             self._large_eps(strongest)
 
     def _guard(self):
+        """Checks every gradient threat model; records how far each backward pass is from
+        the end-to-end one (a surrogate that matches it is effectively hard routing)."""
         images = self.ev.images[:_GUARD_EXAMPLES]
         labels = self.ev.labels[:_GUARD_EXAMPLES]
-        for variant, (_, model_fn) in self.sources.items():
-            runner.check_gradients(model_fn, images, labels, f"threat model {variant!r}")
+        grads = {
+            variant: runner.check_gradients(model_fn, images, labels, f"threat model {variant!r}")
+            for variant, (_, model_fn) in self.sources.items()
+        }
+        white = runner.check_gradients(
+            self.ev.models.defended, images, labels, "the defended model (end to end)"
+        )
+        self.ev.results["gradient_difference"] = {
+            variant: float(np.linalg.norm(g - white) / np.linalg.norm(white))
+            for variant, g in grads.items()
+        }
 
     def _run(self, variant, threat, attack, model_fn, eps, robust, *, full=True, **kw):
         """One attack run at `eps`; updates `robust` (bool [N], in place) and the results.

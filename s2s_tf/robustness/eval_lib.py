@@ -3,12 +3,13 @@
     eval_lib.evaluate(config, outdir)
 
 loads the defended model (stage 2's `defended.keras`, or an autoencoder and a
-classifier), runs `evaluation.Evaluator` over the configured threat models,
-the gradient analysis of the classifier alone vs the defended model, the
+classifier), runs `evaluation.Evaluator` over the configured threat models on
+the split, streamed in resumable shards (`streaming`), the gradient analysis of the classifier alone vs the defended model, the
 sanity checks, and writes `robustness.json`, `report.md`, the plots and
 TensorBoard summaries into `outdir`.
 """
 
+import contextlib
 import dataclasses
 import os
 
@@ -28,7 +29,7 @@ from s2s_tf.models import s2s_model
 from s2s_tf.robustness import checks as checks_lib
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import sharded as sharded_lib
-from s2s_tf.train import distribute
+from s2s_tf.robustness import streaming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class EvalRunConfig:
         with its own S2SNet, e.g. stage 2 run against that classifier); each
         enters the matrix as "<name>+s2s" and its classifier as "<name>".
       attack: the attack settings (`evaluation.EvalConfig`).
+      stream: how the split is cut into shards (`streaming.StreamConfig`).
       gradient_examples: images used by the gradient analysis and the
         counterfactual test of claim 2 (>= 256 for a test of the claim).
       gradient_top_k: class logits compared per image for class specificity.
@@ -74,6 +76,7 @@ class EvalRunConfig:
         unparse=config_io.unparse_named_paths,
     )
     attack: evaluation.EvalConfig = evaluation.EvalConfig()
+    stream: streaming.StreamConfig = streaming.StreamConfig()
     gradient_examples: int = setting(
         256, "Examples of the gradient analysis and the counterfactual test.", lower_bound=2
     )
@@ -104,13 +107,6 @@ class EvalRunConfig:
         for path in self.model_paths():
             if path and not os.path.exists(path):
                 raise FileNotFoundError(f"model file not found: {path}")
-
-
-def _examples_to_read(config):
-    """Enough examples for the attacks and for the gradient analysis (None: all)."""
-    if config.attack.num_examples is None:
-        return None
-    return max(config.attack.num_examples, config.gradient_examples)
 
 
 def load_models(config):
@@ -196,45 +192,60 @@ def _tensorboard(outdir, results, gradients):
     writer.flush()
 
 
-def evaluate(config, outdir, progress=logging.info, strategy=None):
+def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
     """Runs the whole evaluation and writes the report; returns the report document.
+
+    The split streams through the attacks in shards (`streaming.evaluate_split`),
+    written under `<outdir>/shards`: memory stays bounded whatever the split's
+    size, a rerun continues where an interrupted one stopped, and several
+    workers can share the shards.
 
     Args:
       config: an `EvalRunConfig`.
       outdir: where the report goes (e.g. `<workdir>/eval_report`).
       progress: callable(str) told about each unit of work.
-      strategy: a `tf.distribute.Strategy` to run the attacks on every replica
-        (and worker), in resumable shards under `<outdir>/shards`; None runs
-        them in this process, batch by batch. Under a multi-worker strategy
-        every worker runs this and only the chief writes the report.
+      strategy: a `tf.distribute.Strategy` over this worker's devices to run the
+        attacks on every replica; None runs them in this process, batch by batch.
+      worker: this process's `streaming.Worker` among the processes sharing the
+        shards (default: the only one); worker 0 merges them and writes the report.
 
     Returns:
-      The dict written to `robustness.json`.
+      The dict written to `robustness.json`; None on workers other than 0, once
+      their shards are written.
     """
     config.validate()
-    sharded = None
-    if strategy is not None:
-        with strategy.scope():
-            models, defended, purifier = load_models(config)
-        sharded = sharded_lib.ShardedAttacks(
-            strategy,
-            config.attack.batch_size,
-            config.attack.seed,
-            shard_dir=os.path.join(outdir, "shards"),
-            model_key=sharded_lib.file_fingerprint(config.model_paths()),
-            progress=progress,
-        )
-    else:
+    worker = worker or streaming.Worker()
+    # The bytes evaluated, hashed before they are read: the export's model card compares them.
+    model_files = s2s_model.file_digests(config.model_paths())
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         models, defended, purifier = load_models(config)
     data = dataclasses.replace(
         config.data,
-        num_examples=config.data.num_examples or _examples_to_read(config),
         global_batch_size=config.attack.batch_size,
         image_size=tuple(defended.input_shape[1:3]),
     )
-    images, labels = data_lib.load_numpy(data)
-    evaluator = evaluation.Evaluator(models, images, labels, config.attack, progress, sharded)
-    results = evaluator.run()
+    results = streaming.evaluate_split(
+        models,
+        data,
+        config.attack,
+        os.path.join(outdir, "shards"),
+        stream=config.stream,
+        worker=worker,
+        strategy=strategy,
+        model_key=sharded_lib.file_fingerprint(config.model_paths()),
+        progress=progress,
+        summary_dir=os.path.join(outdir, "tensorboard"),
+    )
+    if results is None:
+        progress(f"worker {worker.index}: its shards are written; worker 0 writes the report")
+        return None
+    # The analyses below read a few examples; only they are held in memory.
+    analysis_examples = max(config.gradient_examples, config.effective_examples)
+    images, labels = data_lib.load_numpy(
+        dataclasses.replace(data, num_examples=min(analysis_examples, results["num_examples"]))
+    )
+    attack = dataclasses.replace(config.attack, num_examples=None)
+    evaluator = evaluation.Evaluator(models, images, labels, attack, progress)
     checks = checks_lib.sanity_checks(results, config.attack)
     progress(f"gradient analysis on {min(config.gradient_examples, len(images))} examples")
     n = min(config.gradient_examples, len(images))
@@ -255,6 +266,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
     )
     document = {
         "config": config_io.config_to_dict(config),
+        "model_files": model_files,
         "results": results,
         "checks": checks,
         "adaptive": checks_lib.adaptive_comparison(results, config.attack),
@@ -265,8 +277,6 @@ def evaluate(config, outdir, progress=logging.info, strategy=None):
         "effective_perturbations": effective,
         "relations": _relations(results),
     }
-    if strategy is not None and not distribute.is_chief(strategy):
-        return document
     paths = report.write_report(
         document, outdir, examples=examples, histograms=histograms, plots=effective_plots
     )
@@ -293,7 +303,9 @@ def _example_rows(evaluator, purifier, analysis):
     k, config = 4, evaluator.config
     eps = max(config.eps)
     rows = {"clean": evaluator.images[:k]}
-    key = evaluation.run_key("white_box", config.check_attack, eps)
+    # The examples of the strongest reference run (the one the convergence checks rerun).
+    strongest = evaluator.results.get("convergence", {}).get(evaluation.eps_key(eps), {})
+    key = evaluation.run_key(strongest.get("source") or "white_box", config.check_attack, eps)
     adversarial = evaluator.adversarial.get(key)
     if adversarial is None:  # sharded runs keep no images: remake the first few here
         adversarial = evaluator.attack(

@@ -61,7 +61,10 @@ class Evaluator:
     example correctly clean and after the run's attack, else 0; an example a
     cascade run skipped because an earlier run had fooled it is 1 (this run did
     not fool it). `results["runs"]` counts, per run, the examples attacked, the
-    examples fooled that no earlier run at that eps had fooled, and the seconds.
+    examples fooled that no earlier run at that eps had fooled, and the seconds;
+    `results["gradient_difference"]` holds, per gradient threat model, the
+    relative distance |g - g_e2e| / |g_e2e| of its input gradient from the
+    end-to-end one on the first examples (0: the same backward pass).
 
     Args:
       models: a `Models`. Its surrogate scales are measured on the first
@@ -73,7 +76,8 @@ class Evaluator:
       progress: callable(str) told about each unit of work (e.g. logging.info).
       sharded: a `sharded.ShardedAttacks` to run the attacks on a `tf.distribute`
         strategy in resumable shards; None runs them here, batch by batch.
-      keep: adversarial examples kept per run (the first ones), for the report.
+      keep: adversarial examples kept per run (of the first examples, aligned with
+        `images`; an example a run did not attack is kept clean), for the report.
       index_offset: the index of `images[0]` in the whole split, so each
         example's random start is the same whichever shard it is evaluated in.
     """
@@ -160,7 +164,12 @@ class Evaluator:
         start = time.perf_counter()
         if self.sharded is None:
             adversarial = self.attack(name, source, eps, images, labels, indices, **overrides)
-            self.adversarial[key] = adversarial[: self.keep]
+            # The first `keep` examples of the evaluation, aligned with `self.images`
+            # (those this run did not attack stay clean).
+            kept = self.images[: self.keep].copy()
+            inside = np.asarray(indices) < self.keep
+            kept[np.asarray(indices)[inside]] = adversarial[inside]
+            self.adversarial[key] = kept
             correct = {k: self.correct(m, adversarial, labels) for k, m in scored.items()}
         else:
             spec = attacks_lib.get_spec(name)

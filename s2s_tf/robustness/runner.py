@@ -335,6 +335,9 @@ def check_gradients(model_fn, images, labels, what):
       images: float32 [N, ...] in [0, 1] (one batch suffices).
       labels: int [N].
       what: names the model in the error (e.g. the threat model).
+
+    Returns:
+      The gradient, float32 numpy array shaped like `images`.
     """
     x = tf.constant(np.asarray(images, np.float32))
     with tf.GradientTape() as tape:
@@ -353,6 +356,7 @@ def check_gradients(model_fn, images, labels, what):
             "(disconnected, e.g. a tf.stop_gradient in the model); a gradient attack on it "
             "would only add noise"
         )
+    return grad
 
 
 def predict(model_fn, images, batch_size=DEFAULT_BATCH_SIZE):
