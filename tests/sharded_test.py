@@ -1,5 +1,6 @@
 """Tests for s2s_tf/robustness/sharded.py: attack runs in resumable shards equal local runs."""
 
+import dataclasses
 import os
 import tempfile
 
@@ -31,8 +32,7 @@ def _setup():
     images = rng.uniform(size=(11, *SHAPE)).astype(np.float32)
     labels = np.asarray(models.defended(images)).argmax(-1)
     config = evaluation.EvalConfig(
-        attacks=("fgsm", "pgd", "apgd_ce"),
-        adaptive_attacks=("pgd",),
+        attacks=("pgd", "apgd_ce"),
         gradient_free_attacks=("square",),
         threat_models=("gray_box", "white_box", "bpda", "gradient_free", "transfer"),
         eps=(8 / 255,),
@@ -81,6 +81,63 @@ class ShardedAttacksTest(tf.test.TestCase):
             distributed._run_shard = original
         self.assertAllEqual(first["defended"], again["defended"])
         self.assertAllEqual(first["defended"], other["defended"])
+
+    def test_indices_seed_each_example_as_in_the_whole_run(self):
+        models, _, _, _ = _setup()
+        rng = np.random.default_rng(3)
+        images = rng.uniform(size=(40, *SHAPE)).astype(np.float32)
+        labels = np.asarray(models.defended(images)).argmax(-1)
+        runs = sharded.ShardedAttacks(tf.distribute.OneDeviceStrategy("/cpu:0"), 8, 0)
+        scored = {"defended": models.defended}
+        args = ("testing", models.defended, scored)  # uniform noise in the ball
+        whole = runs.correct(*args, images, labels, 0.5, {}, "k")["defended"]
+        part = slice(10, 30)
+        subset = runs.correct(
+            *args, images[part], labels[part], 0.5, {}, "k", indices=np.arange(10, 30)
+        )["defended"]
+        self.assertAllEqual(subset, whole[part])
+        # Without the indices the subset's examples get other random starts.
+        renumbered = runs.correct(*args, images[part], labels[part], 0.5, {}, "k")["defended"]
+        self.assertNotAllEqual(renumbered, whole[part])
+        with self.assertRaisesRegex(ValueError, "indices must be one int per image"):
+            runs.correct(*args, images[part], labels[part], 0.5, {}, "k", indices=[1, 2])
+
+    def test_the_shard_key_covers_settings_code_and_examples(self):
+        config = evaluation.EvalConfig()
+        key_args = ("apgd_ce", "surrogate@1/apgd_ce/8/255", 8 / 255, {"steps": 3}, 1)
+        scored = {"defended": None}
+
+        def key(config, indices=None, model_key="m"):
+            runs = sharded.ShardedAttacks(
+                None, 4, 0, model_key=model_key, settings=sharded.settings_key(config)
+            )
+            return runs.shard_key(*key_args, scored, np.arange(5) if indices is None else indices)
+
+        base = key(config)
+        hotter = dataclasses.replace(config, surrogate_temperatures=(0.3, 1.0, 4.0))
+        self.assertNotEqual(key(hotter), base)
+        self.assertNotEqual(key(dataclasses.replace(config, steps=7)), base)
+        self.assertNotEqual(key(config, indices=np.arange(1, 6)), base)
+        self.assertNotEqual(key(config, model_key="other"), base)
+        self.assertIn(f"code={sharded.loaded_code_version()}", base)
+        # Which examples are attacked is in the indices; their count changes no result.
+        self.assertEqual(key(dataclasses.replace(config, num_examples=7)), base)
+
+    def test_code_version_follows_the_sources(self):
+        root = tempfile.mkdtemp()
+        os.makedirs(os.path.join(root, "attacks"))
+        for name in ("runner.py", os.path.join("attacks", "pgd.py")):
+            with open(os.path.join(root, name), "w") as f:
+                f.write("x = 1\n")
+        sources = ("attacks", "runner.py")
+        first = sharded.code_version(sources, root)
+        self.assertEqual(sharded.code_version(sources, root), first)
+        with open(os.path.join(root, "attacks", "pgd.py"), "w") as f:
+            f.write("x = 2\n")
+        self.assertNotEqual(sharded.code_version(sources, root), first)
+        with self.assertRaisesRegex(FileNotFoundError, "missing.py"):
+            sharded.code_version(("missing.py",), root)
+        self.assertLen(sharded.code_version(), 16)  # the package's own sources exist
 
     def test_file_fingerprint_changes_with_the_bytes(self):
         directory = tempfile.mkdtemp()

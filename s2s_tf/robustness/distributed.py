@@ -5,11 +5,14 @@
         shard_dir=os.path.join(workdir, "eval_shards"), key="pgd eps=8/255 steps=20 model=...",
         progress=logging.info)
 
-`fn(x, y, index)` computes per-example tensors (e.g. `{"correct": bool [b],
+`fn(x, y, index, *args)` computes per-example tensors (e.g. `{"correct": bool [b],
 "adversarial_correct": bool [b]}`) for a batch of images, their labels and their
 global int64 example indices (so an attack can seed its random start per
 example, e.g. `tf.random.experimental.stateless_fold_in(seed, index[i])`, and
-give every example the same start whatever the batch it falls in).
+give every example the same start whatever the batch it falls in). The indices
+are 0..N-1 unless `indices` gives each example's own (its place in a larger
+split, when `images` is a part of it). `args` are scalars passed to every
+replica (an attack's eps and step size), so one compiled step serves them all.
 
 - Each global batch is cut into one contiguous slice per replica; each replica
   runs `fn` on its slice inside one `tf.function` (`strategy.run`), and
@@ -62,6 +65,8 @@ def evaluate_examples(
     shard_size=DEFAULT_SHARD_SIZE,
     key="",
     progress=None,
+    indices=None,
+    args=(),
 ):
     """Runs a per-example function over all examples on all replicas; see the module docstring.
 
@@ -71,8 +76,8 @@ def evaluate_examples(
 
     Args:
       strategy: a `tf.distribute.Strategy`, or None for the default (one device).
-      fn: `fn(x, y, index) -> dict of tensors` with a leading axis of the batch
-        size; `x` float32 `[b, ...]`, `y` int32 `[b]`, `index` int64 `[b]`
+      fn: `fn(x, y, index, *args) -> dict of tensors` with a leading axis of the
+        batch size; `x` float32 `[b, ...]`, `y` int32 `[b]`, `index` int64 `[b]`
         (`PAD_INDEX` on padding rows, whose results are dropped). Runs per replica.
       images: numpy array `[N, ...]`.
       labels: numpy array `[N]` of int labels.
@@ -88,17 +93,28 @@ def evaluate_examples(
         previous model's results.
       progress: called with a line of text (examples done, examples/s over all
         workers, ETA) after each shard.
+      indices: int `[N]`, the examples' indices passed to `fn` (>= 0; default
+        0..N-1). They are part of each shard's digest.
+      args: scalars (numbers or scalar tensors) passed to `fn` after `index`; a
+        new value does not recompile `fn`.
 
     Returns:
       A dict of numpy arrays of length N, in example order, keyed as `fn`'s outputs.
 
     Raises:
-      ValueError: for empty or mismatched inputs, a non-positive batch or shard size,
-        or `fn` outputs that are not per-example.
+      ValueError: for empty or mismatched inputs or indices, a non-positive batch
+        or shard size, or `fn` outputs that are not per-example.
     """
     evaluator = ExampleEvaluator(strategy, fn, batch_size=batch_size)
     return evaluator(
-        images, labels, shard_dir=shard_dir, shard_size=shard_size, key=key, progress=progress
+        images,
+        labels,
+        shard_dir=shard_dir,
+        shard_size=shard_size,
+        key=key,
+        progress=progress,
+        indices=indices,
+        args=args,
     )
 
 
@@ -131,12 +147,16 @@ class ExampleEvaluator:
         shard_size=DEFAULT_SHARD_SIZE,
         key="",
         progress=None,
+        indices=None,
+        args=(),
     ):
         """Evaluates one example set; arguments, result and errors as `evaluate_examples`'s."""
         images, labels = _check_inputs(images, labels, shard_size)
+        indices = _check_indices(indices, len(images))
+        args = tuple(tf.convert_to_tensor(a) for a in args)
         store = _ShardStore(shard_dir, key, distribute.is_chief(self.strategy))
         shards = [
-            (start, end, store.digest(images[start:end], labels[start:end], start, end))
+            (start, end, store.digest(images, labels, indices, start, end))
             for start, end in _shard_ranges(len(images), shard_size)
         ]
         found = _agree_on_finished(self.strategy, [store.read(*shard) for shard in shards])
@@ -147,7 +167,9 @@ class ExampleEvaluator:
         results = []
         for (start, end, digest), done in zip(shards, found, strict=True):
             if done is None:
-                done = _run_shard(self._step, images, labels, start, end, self.global_batch)
+                done = _run_shard(
+                    self._step, (images, labels, indices), args, start, end, self.global_batch
+                )
                 store.write(start, end, digest, done)
                 _report(progress, clock.advance(end - start))
             results.append(done)
@@ -171,12 +193,23 @@ def _check_inputs(images, labels, shard_size):
     return images.astype(np.float32, copy=False), labels.astype(np.int32, copy=False)
 
 
+def _check_indices(indices, count):
+    if indices is None:
+        return np.arange(count, dtype=np.int64)
+    indices = np.asarray(indices)
+    if indices.shape != (count,) or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be {count} integers (one per image), got {indices.shape}")
+    if indices.min() < 0:
+        raise ValueError(f"indices must be >= 0 ({PAD_INDEX} marks padding), got {indices.min()}")
+    return indices.astype(np.int64)
+
+
 def _shard_ranges(count, shard_size):
     return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
 
 
 def _make_step(strategy, fn, per_replica):
-    """Returns `run(x, y, index)`: one padded global batch (numpy) -> its results (numpy).
+    """Returns `run(x, y, index, args)`: one padded global batch (numpy) -> its results (numpy).
 
     Replica r takes rows `[r * per_replica, (r + 1) * per_replica)`, and `strategy.gather`
     concatenates the replicas' outputs in replica order, so the rows come back in the
@@ -184,8 +217,8 @@ def _make_step(strategy, fn, per_replica):
     """
     dtypes = {}
 
-    def replica_fn(x, y, index):
-        outputs = fn(x, y, index)
+    def replica_fn(x, y, index, *args):
+        outputs = fn(x, y, index, *args)
         if not isinstance(outputs, dict) or not outputs:
             raise ValueError(f"fn must return a non-empty dict of tensors, got {outputs!r}")
         sendable = {}
@@ -203,11 +236,11 @@ def _make_step(strategy, fn, per_replica):
         return sendable
 
     @tf.function
-    def step(x, y, index):
-        outputs = strategy.run(replica_fn, args=(x, y, index))
+    def step(x, y, index, *args):
+        outputs = strategy.run(replica_fn, args=(x, y, index, *args))
         return {k: strategy.gather(v, axis=0) for k, v in outputs.items()}
 
-    def run(x, y, index):
+    def run(x, y, index, args):
         def value_fn(context):
             rows = slice(
                 context.replica_id_in_sync_group * per_replica,
@@ -215,21 +248,26 @@ def _make_step(strategy, fn, per_replica):
             )
             return tf.constant(x[rows]), tf.constant(y[rows]), tf.constant(index[rows])
 
-        outputs = step(*strategy.experimental_distribute_values_from_function(value_fn))
+        outputs = step(*strategy.experimental_distribute_values_from_function(value_fn), *args)
         return {k: v.numpy().astype(dtypes[k].as_numpy_dtype) for k, v in outputs.items()}
 
     return run
 
 
-def _run_shard(step, images, labels, start, end, global_batch):
-    """Computes the examples `[start, end)` batch by batch; returns their results, in order."""
+def _run_shard(step, examples, args, start, end, global_batch):
+    """Computes the examples `[start, end)` batch by batch; returns their results, in order.
+
+    `examples` holds the images, labels and indices; the indices' padding is `PAD_INDEX`.
+    """
+    images, labels, indices = examples
     parts = []
     for begin in range(start, end, global_batch):
         stop = min(begin + global_batch, end)
         outputs = step(
             _pad_rows(images[begin:stop], global_batch, 0),
             _pad_rows(labels[begin:stop], global_batch, 0),
-            _pad_rows(np.arange(begin, stop, dtype=np.int64), global_batch, PAD_INDEX),
+            _pad_rows(indices[begin:stop], global_batch, PAD_INDEX),
+            args,
         )
         parts.append({k: v[: stop - begin] for k, v in outputs.items()})  # drop the padding
     return _concatenate(parts)
@@ -278,12 +316,12 @@ class _ShardStore:
         name = f"{_PREFIX}-{self.fingerprint}-{start:010d}-{end:010d}.npz"
         return os.path.join(self.directory, name)
 
-    def digest(self, images, labels, start, end):
-        """What the shard's results were computed from: its examples and their indices."""
+    def digest(self, images, labels, indices, start, end):
+        """What the shard `[start, end)` was computed from: its examples and their indices."""
         if not self.directory:
             return ""
         hasher = hashlib.blake2b(digest_size=16)
-        for array in (images, labels):
+        for array in (images[start:end], labels[start:end], indices[start:end]):
             hasher.update(f"{array.dtype}{array.shape}".encode())
             hasher.update(np.ascontiguousarray(array).tobytes())
         hasher.update(f"{start}:{end}".encode())

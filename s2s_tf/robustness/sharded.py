@@ -1,19 +1,26 @@
 """Attack runs under tf.distribute: per-example correctness on every replica, in resumable shards.
 
 `ShardedAttacks` is what `evaluation.Evaluator` uses when it is given a
-strategy: each attack run becomes one `distributed.evaluate_examples` call
+strategy: each attack run becomes one `distributed.ExampleEvaluator` call
 whose per-example function attacks a slice of examples on its replica
-(seeded by each example's index, so the result does not depend on the replica
-count), enforces the budget, and returns whether every scored model still
-classifies each adversarial example correctly. Restarts are folded in per
-example as the worst case. With a shard directory, finished shards survive a
-crash and a rerun of the same command continues where it stopped.
+(seeded by each example's index in the whole evaluation, so the result depends
+neither on the replica count nor on the subset attacked), enforces the budget,
+and returns whether every scored model still classifies each adversarial
+example correctly. Restarts are folded in per example as the worst case. With
+a shard directory, finished shards survive a crash and a rerun of the same
+command continues where it stopped. A shard's key holds the models' identity,
+every setting that changes results (`settings_key`), a version of the attack
+code (`code_version`) and the examples' indices, so no changed run ever reads
+a stale shard.
 
 Attacks that cannot run inside a graph (`cw_l2`, whose runner is eager) run on
 the host with `runner.run_attack`, batch by batch, as without a strategy.
 """
 
+import dataclasses
+import functools
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -24,14 +31,95 @@ from s2s_tf.robustness import runner
 from s2s_tf.robustness.attacks import base
 from s2s_tf.robustness.attacks import get_spec
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The sources (relative to this package; folders: every .py inside) whose code decides an
+# attack run's per-example results: editing any of them makes earlier shards stale.
+ATTACK_CODE = (
+    "attacks",
+    "cleverhans_shim.py",
+    "distributed.py",
+    "runner.py",
+    "sharded.py",
+    "surrogates.py",
+    "threat_models.py",
+)
+# Config fields that change no example's result: which examples a run attacks enters
+# the key through their indices.
+NOT_RESULT_SETTINGS = ("num_examples",)
+
+
+def code_version(sources=ATTACK_CODE, root=_HERE):
+    """A short hash of the source files that compute results (their bytes and names).
+
+    Args:
+      sources: files or folders relative to `root`; a folder stands for every
+        `.py` file under it, in sorted order.
+      root: the folder `sources` are relative to.
+
+    Raises:
+      FileNotFoundError: when a source is missing (a key without it would let a
+        changed attack reuse stale shards).
+    """
+    digest = hashlib.sha256()
+    for source in sources:
+        path = os.path.join(root, source)
+        if os.path.isdir(path):
+            files = sorted(
+                os.path.join(folder, name)
+                for folder, _, names in os.walk(path)
+                for name in names
+                if name.endswith(".py")
+            )
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise FileNotFoundError(f"attack source {path} not found; cannot version the shards")
+        for file in files:
+            digest.update(os.path.relpath(file, root).encode())
+            with open(file, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def loaded_code_version(sources=ATTACK_CODE):
+    """`code_version` of this package's `sources`, hashed once per process (when first asked).
+
+    The code a process runs is the code it loaded; files edited while it runs do
+    not change what it computes, so they do not change its keys either.
+    """
+    return code_version(tuple(sources))
+
+
+def settings_key(config, ignore=NOT_RESULT_SETTINGS):
+    """Every field of a config dataclass but `ignore`, as sorted JSON (part of a shard key).
+
+    Every field is in unless listed in `ignore`, so a setting added later is in the
+    key without anyone remembering to add it.
+    """
+    values = dataclasses.asdict(config)
+    for name in ignore:
+        values.pop(name, None)
+    return json.dumps(values, sort_keys=True, default=repr)
+
 
 def _project(spec, x, adv, eps, clip_min, clip_max):
     """`registry.enforce_budget` in the graph (projection; "reject" specs never get here)."""
     return base.project(x, adv, eps, spec.norm, clip_min, clip_max)
 
 
+def _indices_digest(indices):
+    return hashlib.blake2b(
+        np.ascontiguousarray(indices, np.int64).tobytes(), digest_size=8
+    ).hexdigest()
+
+
 class ShardedAttacks:
     """Runs attacks over all examples on a `tf.distribute` strategy.
+
+    Each kind of run (attack, source model, static parameters, scored models)
+    compiles once; its eps and step size are arguments, so further budgets and
+    further example sets reuse the compiled step.
 
     Args:
       strategy: the `tf.distribute.Strategy` (mirrored, multi-worker, one device).
@@ -41,13 +129,39 @@ class ShardedAttacks:
       model_key: identifies the evaluated models (e.g. a hash of their files), so
         shards of another model are never reused.
       progress: callable(str) for progress lines (examples/s, ETA).
+      settings: every setting that changes results (`settings_key(eval_config)`),
+        so shards made under other settings (a surrogate temperature, a step
+        count) are never reused. The attack code's version is added here.
     """
 
-    def __init__(self, strategy, batch_size, seed, shard_dir=None, model_key="", progress=None):
+    def __init__(
+        self, strategy, batch_size, seed, shard_dir=None, model_key="", progress=None, settings=""
+    ):
         self.strategy, self.batch_size, self.seed = strategy, batch_size, seed
         self.shard_dir, self.model_key, self.progress = shard_dir, model_key, progress
+        self.settings, self.code = settings, loaded_code_version()
+        self._evaluators = {}
 
-    def correct(self, name, source, scored, images, labels, eps, params, run_key):
+    def shard_key(self, name, run_key, eps, params, restarts, scored, indices):
+        """The key of one run's shards: models, settings, code, run, examples."""
+        return "|".join(
+            [
+                self.model_key,
+                self.settings,
+                f"code={self.code}",
+                run_key,
+                name,
+                f"eps={float(eps)!r}",
+                repr(sorted(params.items())),
+                f"restarts={restarts}",
+                f"seed={self.seed}",
+                f"batch={self.batch_size}",
+                ",".join(sorted(scored)),
+                f"indices={_indices_digest(indices)}",
+            ]
+        )
+
+    def correct(self, name, source, scored, images, labels, eps, params, run_key, indices=None):
         """Per example and scored model: still correct after the attack (worst over restarts).
 
         Args:
@@ -59,11 +173,27 @@ class ShardedAttacks:
           eps: the budget in the attack's norm.
           params: `runner.run_attack` keyword arguments (steps, restarts, attack params).
           run_key: the run's name, part of the shards' key.
+          indices: int64 [N], the examples' indices in the whole evaluation, which
+            seed their random starts (default 0..N-1): an example gets the same
+            start in a subset (a cascade's survivors, a shard of the split) as in
+            a run on every example.
 
         Returns:
           A dict name -> bool [N].
+
+        Raises:
+          ValueError: for indices that are not one non-negative int per image.
         """
         spec = get_spec(name)
+        images = np.asarray(images, np.float32)
+        labels = np.asarray(labels, np.int32)
+        if indices is None:
+            indices = np.arange(len(images), dtype=np.int64)
+        indices = np.asarray(indices)
+        if indices.shape != (len(images),) or not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(
+                f"indices must be one int per image ({len(images)}), got {indices.shape}"
+            )
         params = dict(params)
         restarts = params.pop("restarts", 1) if spec.stochastic else 1
         params.pop("restarts", None)
@@ -77,52 +207,58 @@ class ShardedAttacks:
                 batch_size=self.batch_size,
                 seed=self.seed,
                 restarts=restarts,
+                indices=indices,
                 **params,
             )
             return {
                 k: runner.predict(m, adversarial, self.batch_size) == labels
                 for k, m in scored.items()
             }
-        attack = runner.compiled_attack(name, source, **params)
         step = runner.step_size_for(spec, eps, params.get("steps"))
-        eps_t = tf.constant(eps, tf.float32)
-        step_t = None if step is None else tf.constant(step, tf.float32)
-
-        def fn(x, y, index):
-            correct = {k: tf.ones_like(y, tf.bool) for k in scored}
-            for run in range(restarts):
-                adv = attack(
-                    x, y, eps_t, step_t, runner.example_seeds(self.seed, tf.maximum(index, 0), run)
-                )
-                adv = _project(spec, x, adv, eps_t, 0.0, 1.0)
-                for k, model in scored.items():
-                    pred = tf.argmax(model(adv), -1, output_type=tf.int32)
-                    correct[k] &= tf.equal(pred, y)
-            return correct
-
-        key = "|".join(
-            [
-                self.model_key,
-                run_key,
-                name,
-                f"eps={eps!r}",
-                repr(sorted(params.items())),
-                f"restarts={restarts}",
-                f"seed={self.seed}",
-                ",".join(sorted(scored)),
-            ]
-        )
-        out = distributed.evaluate_examples(
-            self.strategy,
-            fn,
+        args = [tf.constant(eps, tf.float32)]
+        if step is not None:
+            args.append(tf.constant(step, tf.float32))
+        evaluate = self._evaluator(name, source, scored, params, restarts, step is None)
+        out = evaluate(
             images,
-            np.asarray(labels, np.int32),
-            batch_size=self.batch_size,
+            labels,
             shard_dir=self.shard_dir,
-            key=key,
+            key=self.shard_key(name, run_key, eps, params, restarts, scored, indices),
             progress=self.progress,
+            indices=indices,
+            args=args,
         )
         return {k: np.asarray(out[k], bool) for k in scored}
+
+    def _evaluator(self, name, source, scored, params, restarts, own_step):
+        """The compiled per-example evaluator of one kind of run (cached)."""
+        key = (
+            name,
+            id(source),
+            repr(sorted(params.items())),
+            restarts,
+            tuple(sorted((k, id(m)) for k, m in scored.items())),
+            own_step,
+        )
+        if key not in self._evaluators:
+            spec = get_spec(name)
+            attack = runner.compiled_attack(name, source, **params)
+            seed = self.seed
+
+            def fn(x, y, index, eps, step=None):
+                correct = {k: tf.ones_like(y, tf.bool) for k in scored}
+                for run in range(restarts):
+                    seeds = runner.example_seeds(seed, tf.maximum(index, 0), run)
+                    adv = _project(spec, x, attack(x, y, eps, step, seeds), eps, 0.0, 1.0)
+                    for k, model in scored.items():
+                        pred = tf.argmax(model(adv), -1, output_type=tf.int32)
+                        correct[k] &= tf.equal(pred, y)
+                return correct
+
+            evaluator = distributed.ExampleEvaluator(self.strategy, fn, batch_size=self.batch_size)
+            # The models stay referenced with their evaluator, so their ids stay theirs.
+            self._evaluators[key] = (evaluator, source, dict(scored))
+        return self._evaluators[key][0]
 
 
 def file_fingerprint(paths):

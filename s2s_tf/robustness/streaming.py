@@ -1,0 +1,373 @@
+"""A whole split, streamed from tf.data in fixed-size shards: bounded memory, resumable, shared.
+
+    results = streaming.evaluate_split(
+        models, data_config, eval_config, shard_dir,
+        stream=streaming.StreamConfig(shard_size=1000), worker=streaming.Worker(0, 1),
+        strategy=strategy, model_key=sharded.file_fingerprint(paths))
+
+The split (`data.read_shards`: the source and preprocessing of `data.load_numpy`,
+in the same order) is cut into shards of `shard_size` examples. Each shard is
+read, attacked by the whole suite (one `evaluation.Evaluator` per shard, whose
+random starts are seeded by each example's index in the split), written with
+its per-example results (a temporary file, then `os.replace`: a killed worker
+leaves no partial shard) and dropped before the next is read, so host memory
+holds a few shards whatever the size of the split.
+
+Workers split shards, not examples: worker w of W takes the shards i with
+i % W == w (no coordinator), on its own devices (`strategy` is local to the
+worker). A shard file is named by its example range and a key (the models,
+every setting that changes results, the code, the data), so the shards of a
+split are the same whatever the number of workers, and a rerun on any number
+of workers computes only the missing ones. Worker 0 waits until every shard
+exists, then merges them (`merge`: per-example results concatenated in order,
+counts summed, everything downstream recomputed by `evaluation.finalize`),
+which gives the numbers of one in-memory `Evaluator` run over the same examples.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import tensorflow as tf
+from absl import logging
+
+from s2s_tf import data as data_lib
+from s2s_tf.config_io import setting
+from s2s_tf.data import input_pipeline
+from s2s_tf.robustness import evaluation
+from s2s_tf.robustness import merging
+from s2s_tf.robustness import sharded as sharded_lib
+
+# Sources (relative to this package) whose code decides a shard's results, beyond the
+# attack code that `sharded.code_version` covers.
+EVALUATION_CODE = (*sharded_lib.ATTACK_CODE, "cascade.py", "eval_config.py", "evaluation.py")
+_PREFIX = "examples"
+_POLL_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """How a split is cut into shards and how long worker 0 waits for the others.
+
+    Attributes:
+      shard_size: examples per shard (read, attacked, written, dropped).
+      merge_timeout_s: seconds worker 0 waits, after its own shards, for the
+        other workers' shards before it fails (naming the missing ones).
+    """
+
+    shard_size: int = setting(
+        1000,
+        "Examples per evaluation shard: read, attacked by the whole suite, written, dropped. "
+        "Host memory holds a few shards whatever the split's size.",
+        flag="eval_shard_size",
+        lower_bound=1,
+    )
+    merge_timeout_s: float = setting(
+        86400.0,
+        "Seconds worker 0 waits for the other evaluation workers' shards before failing.",
+        flag="eval_merge_timeout",
+        lower_bound=0.0,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """This process's place among the processes that share an evaluation's shards.
+
+    Attributes:
+      index: this worker (0 merges and returns the results).
+      count: how many workers share the shards.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"worker index must be in [0, {self.count}), got {self.index}")
+
+    def shards(self, count):
+        """The indices of the `count` shards that this worker computes."""
+        return list(range(self.index, count, self.count))
+
+
+def worker_from_tf_config(raw):
+    """The `Worker` a `TF_CONFIG` describes: the chief (if any) is 0, worker i follows.
+
+    Raises:
+      ValueError: for a TF_CONFIG without a cluster of chief/worker tasks naming this task.
+    """
+    try:
+        config = json.loads(raw or "")
+        cluster, task = config["cluster"], config["task"]
+        kind, index = task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"TF_CONFIG needs 'cluster' and 'task' (type, index), got {raw!r}") from e
+    chiefs, workers = len(cluster.get("chief", [])), len(cluster.get("worker", []))
+    if kind not in ("chief", "worker") or index >= (chiefs if kind == "chief" else workers):
+        raise ValueError(f"TF_CONFIG task {task} is not a chief or worker of {cluster}")
+    return Worker(index if kind == "chief" else chiefs + index, chiefs + workers)
+
+
+def shard_key(model_key, config, data):
+    """What a shard's results depend on besides its examples' range (a file-name fingerprint).
+
+    The models, every setting of the evaluation (`sharded.settings_key`: all but
+    the number of examples), the evaluation and attack code, and the data: its
+    source, split, folder and preprocessing (not its batch size or length, so a
+    longer evaluation of the same split reuses the shards it shares).
+    """
+    data_fields = dataclasses.asdict(data)
+    for name in ("global_batch_size", "num_examples", "shuffle_buffer", "cache", "augment"):
+        data_fields.pop(name, None)
+    return json.dumps(
+        {
+            "models": model_key,
+            "settings": sharded_lib.settings_key(config),
+            "code": sharded_lib.loaded_code_version(EVALUATION_CODE),
+            "data": data_fields,
+        },
+        sort_keys=True,
+        default=repr,
+    )
+
+
+def shard_ranges(total, shard_size):
+    """The [start, end) example ranges of the shards of `total` examples."""
+    return [(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
+
+
+def evaluate_split(
+    models,
+    data,
+    config,
+    shard_dir,
+    *,
+    stream=StreamConfig(),
+    worker=Worker(),
+    strategy=None,
+    model_key="",
+    progress=logging.info,
+    summary_dir=None,
+):
+    """Evaluates every example of a split in shards; see the module docstring.
+
+    Args:
+      models: an `evaluation.Models`.
+      data: the split's `data.DataConfig` (its `image_size` the models').
+      config: the `evaluation.EvalConfig`; its `num_examples` bounds the split.
+      shard_dir: the folder of finished shards (shared by all workers).
+      stream: a `StreamConfig`.
+      worker: this process's `Worker`.
+      strategy: a `tf.distribute.Strategy` on this worker's devices (attacks in
+        per-replica slices, resumable inside a shard), or None (in-process).
+      model_key: identifies the models (`sharded.file_fingerprint` of their files).
+      progress: callable(str) told about each shard.
+      summary_dir: folder for TensorBoard progress scalars, or None.
+
+    Returns:
+      The merged results (worker 0), or None (other workers, once their shards exist).
+
+    Raises:
+      TimeoutError: when worker 0 waited `merge_timeout_s` for missing shards.
+    """
+    bounds = [n for n in (data.num_examples, config.num_examples) if n is not None]
+    data = dataclasses.replace(data, num_examples=min(bounds) if bounds else None)
+    total = input_pipeline.count_examples(data)
+    ranges = shard_ranges(total, stream.shard_size)
+    files = ShardFiles(shard_dir, shard_key(model_key, config, data))
+    mine = worker.shards(len(ranges))
+    todo = [i for i in mine if files.read(*ranges[i]) is None]
+    progress(
+        f"evaluation worker {worker.index}/{worker.count}: {total} examples in {len(ranges)} "
+        f"shards of {stream.shard_size}; {len(mine)} are this worker's, {len(todo)} to compute"
+    )
+    meter = _Meter(total, ranges, files, progress, summary_dir, worker)
+    _calibrate(models, data, config)
+    for index, images, labels in input_pipeline.read_shards(data, stream.shard_size, wanted=todo):
+        start, end = ranges[index]
+        # With a strategy, the runs finished inside a shard survive a kill in its middle.
+        runs_dir = None
+        if strategy is not None:
+            runs_dir = os.path.join(shard_dir, "runs", f"{files.fingerprint}-{start}-{end}")
+        results = _evaluate_shard(
+            models, images, labels, config, start, strategy, runs_dir, model_key, progress
+        )
+        files.write(start, end, results)
+        if runs_dir:
+            _delete(runs_dir)
+        meter.shard_done(start, end)
+    if worker.index != 0:
+        return None
+    parts = files.wait_for(ranges, stream.merge_timeout_s, progress)
+    return merging.merge(parts, config)
+
+
+def _calibrate(models, data, config):
+    """Sets the surrogate's scales once, from the split's first examples, for every shard.
+
+    An `Evaluator` measures them on its own first images unless they are set, so
+    without this each shard would measure its own, and the results would depend
+    on how the split is cut. (Also when every shard is done: the report's own
+    attacks on a few examples use the surrogate too.)
+    """
+    if "surrogate" not in config.threat_models or getattr(models, "scales", None) is not None:
+        return
+    first = dataclasses.replace(data, num_examples=config.surrogate_calibration_examples)
+    images, _ = data_lib.load_numpy(first)
+    models.calibrate(images[: config.surrogate_calibration_examples])
+
+
+def _evaluate_shard(models, images, labels, config, start, strategy, runs_dir, model_key, progress):
+    """The results of one `Evaluator` over the shard's examples (their indices from `start`)."""
+    end = start + len(images)
+    gradient_free = config.gradient_free_examples
+    if gradient_free is not None:  # the split's first examples, not each shard's
+        gradient_free = max(0, min(gradient_free - start, len(images)))
+    shard_config = dataclasses.replace(
+        config, num_examples=None, gradient_free_examples=gradient_free
+    )
+    sharded = None
+    if strategy is not None:
+        sharded = sharded_lib.ShardedAttacks(
+            strategy,
+            config.batch_size,
+            config.seed,
+            shard_dir=runs_dir,
+            model_key=model_key,
+            settings=sharded_lib.settings_key(config),
+        )
+    evaluator = evaluation.Evaluator(
+        models,
+        images,
+        labels,
+        shard_config,
+        progress=lambda line: progress(f"[examples {start}-{end}] {line}"),
+        sharded=sharded,
+        keep=0,
+        index_offset=start,
+    )
+    return evaluator.run()
+
+
+def _delete(folder):
+    """Deletes a finished shard's run results (its own file now holds them)."""
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass  # no run wrote a file (e.g. a shard of eager-only attacks)
+    except OSError as e:
+        logging.warning("could not delete %s (%s); it can be deleted by hand", folder, e)
+
+
+class ShardFiles:
+    """The finished shards of one key in `directory`: `examples-<fingerprint>-<start>-<end>.json`.
+
+    Args:
+      directory: the shard folder (shared by the workers).
+      key: what the results depend on (`shard_key`); shards of another key are never read.
+    """
+
+    def __init__(self, directory, key):
+        self.directory, self.key = directory, key
+        self.fingerprint = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        os.makedirs(directory, exist_ok=True)
+
+    def path(self, start, end):
+        name = f"{_PREFIX}-{self.fingerprint}-{start:010d}-{end:010d}.json"
+        return os.path.join(self.directory, name)
+
+    def read(self, start, end):
+        """The shard's results, or None when absent or unreadable (warned) or of other work."""
+        path = self.path(start, end)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            logging.warning("unreadable shard %s (%s); computing it again", path, e)
+            return None
+        results = stored.get("results") if isinstance(stored, dict) else None
+        if stored.get("key") != self.key or [stored.get("start"), stored.get("end")] != [
+            start,
+            end,
+        ]:
+            logging.warning("shard %s was made from other work; computing it again", path)
+            return None
+        if not isinstance(results, dict) or results.get("num_examples") != end - start:
+            logging.warning("shard %s has the wrong length; computing it again", path)
+            return None
+        return results
+
+    def write(self, start, end, results):
+        """Writes a finished shard atomically: readers see all of it or nothing."""
+        path = self.path(start, end)
+        temporary = os.path.join(self.directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        document = {"key": self.key, "start": start, "end": end, "results": results}
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(document, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+
+    def done(self, ranges):
+        """How many examples of `ranges` are in finished shard files (any worker's)."""
+        return sum(end - start for start, end in ranges if os.path.exists(self.path(start, end)))
+
+    def wait_for(self, ranges, timeout_s, progress):
+        """Every shard's results, in order, once all exist (polling the folder).
+
+        Raises:
+          TimeoutError: naming the missing ranges after `timeout_s` seconds.
+        """
+        deadline, told = time.monotonic() + timeout_s, False
+        while True:
+            parts = [self.read(*r) for r in ranges]
+            missing = [r for r, part in zip(ranges, parts, strict=True) if part is None]
+            if not missing:
+                return parts
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{len(missing)} shards are still missing in {self.directory} after "
+                    f"{timeout_s:g} s (examples {missing[:5]}...): a worker stopped? Rerun the "
+                    "evaluation (any number of workers): finished shards are kept."
+                )
+            if not told:
+                progress(f"waiting for {len(missing)} shards of other workers")
+                told = True
+            time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+class _Meter:
+    """Examples done (all workers' shards), examples/s and ETA: log lines and TensorBoard."""
+
+    def __init__(self, total, ranges, files, progress, summary_dir, worker):
+        self.total, self.ranges, self.files = total, ranges, files
+        self.progress, self.worker = progress, worker
+        self.start, self.done_at_start = time.perf_counter(), files.done(ranges)
+        self.writer = None
+        if summary_dir:
+            name = f"progress_worker{worker.index}" if worker.count > 1 else "progress"
+            self.writer = tf.summary.create_file_writer(os.path.join(summary_dir, name))
+
+    def shard_done(self, start, end):
+        done = self.files.done(self.ranges)
+        elapsed = time.perf_counter() - self.start
+        rate = (done - self.done_at_start) / max(elapsed, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        hours, rest = divmod(int(round(eta)), 3600)
+        self.progress(
+            f"shard [{start}, {end}) done: {done}/{self.total} examples "
+            f"({100.0 * done / self.total:.0f}%) | {rate:.3g} examples/s | "
+            f"ETA {hours}h{rest // 60:02d}m{rest % 60:02d}s"
+        )
+        if self.writer is not None:
+            with self.writer.as_default(step=done):
+                tf.summary.scalar("eval_progress/examples_done", done)
+                tf.summary.scalar("eval_progress/examples_per_second", rate)
+                tf.summary.scalar("eval_progress/eta_seconds", eta)
+            self.writer.flush()
