@@ -12,6 +12,7 @@ from absl import flags
 from s2s_tf import constants
 from s2s_tf.flags import common_flags
 from s2s_tf.flags import config_flags
+from s2s_tf.train import adversarial
 from s2s_tf.train import optim
 from s2s_tf.train import train_lib
 from s2s_tf.train import trainer
@@ -52,6 +53,7 @@ def define_train_flags():
     )
     _define_loop_flags()
     _define_optimizer_flags()
+    _define_adversarial_flags()
     common_flags.define_strategy_flags()
     _register_stage2_inputs_validator()
 
@@ -68,6 +70,23 @@ def _define_loop_flags():
 
 def _define_optimizer_flags():
     config_flags.define(optim.OptimizerConfig)
+
+
+def _define_adversarial_flags():
+    """--train_eps and the other inner-attack flags, and which stage each objective is for."""
+    config_flags.define(adversarial.AdversarialConfig)
+    for flag, stage, default in (
+        ("stage0_objective", "stage0", "standard"),
+        ("stage2_objective", "stage2", "paper"),
+        ("stage2_trainable", "stage2", "decoder"),
+    ):
+        flags.register_multi_flags_validator(
+            ["stage", flag],
+            lambda values, flag=flag, stage=stage, default=default: (
+                values[flag] == default or values["stage"] == stage
+            ),
+            message=f"--{flag} is a setting of --stage={stage}",
+        )
 
 
 def _register_stage2_inputs_validator():

@@ -3,6 +3,7 @@ r"""Binary: train one S2SNet stage (classifier, reconstruction or decoder fine-t
   s2s_train --stage=stage0 --workdir=/tmp/s2s --dataset=fashion_mnist
   s2s_train --stage=stage1 --workdir=/tmp/s2s --dataset=fashion_mnist
   s2s_train --stage=stage2 --workdir=/tmp/s2s --dataset=fashion_mnist
+  s2s_train --stage=stage2 --stage2_objective=adversarial --train_eps=8/255 ...
 
 Rerunning a command resumes from the stage's last checkpoint. SIGTERM saves a
 checkpoint and exits with status 143.
@@ -21,6 +22,7 @@ from s2s_tf import data as data_lib
 from s2s_tf.flags import common_flags
 from s2s_tf.flags import config_flags
 from s2s_tf.flags import train_flags
+from s2s_tf.train import adversarial
 from s2s_tf.train import distribute
 from s2s_tf.train import optim
 from s2s_tf.train import stages
@@ -61,6 +63,9 @@ def config_from_flags():
         eval_data=eval_data or None,
         loop=trainer.LoopConfig(**config_flags.values(trainer.LoopConfig)),
         optimizer=optim.OptimizerConfig(**config_flags.values(optim.OptimizerConfig)),
+        adversarial=adversarial.AdversarialConfig(
+            **config_flags.values(adversarial.AdversarialConfig)
+        ),
         **config_flags.values(train_lib.TrainConfig),
     )
 

@@ -216,7 +216,7 @@ class LabelFreeStage2Test(tf.test.TestCase):
         model = stages.ModelConfig(autoencoder_path="ae.keras")
         stage0 = pipeline._train_config(config, "stage0", config.classifier_steps, model)
         stage2 = pipeline._train_config(config, "stage2", config.stage2_steps, model)
-        self.assertFalse(stage0.train_data.augment)
+        self.assertEqual(stage0.train_data.augment, "off")
         self.assertEqual(stage0.optimizer.learning_rate, config.learning_rate)
         self.assertEqual(stage2.optimizer.learning_rate, config.stage2_learning_rate)
         self.assertEqual(stage2.optimizer.schedule, "cosine")

@@ -51,6 +51,12 @@ _COVERED_BY = {
     "s2s_tf/robustness/runner.py": "tests/attacks_test.py",
     "s2s_tf/testing_utils.py": "tests/eval_lib_test.py",
     "s2s_tf/train/train_lib.py": "tests/stages_test.py",
+    "s2s_tf/train/classifier_stage.py": "tests/stages_test.py",
+    "s2s_tf/train/decoder_stage.py": "tests/stages_test.py",
+    "s2s_tf/train/reconstruction_stage.py": "tests/stages_test.py",
+    "s2s_tf/train/stage_common.py": "tests/stages_test.py",
+    "s2s_tf/train/loop_utils.py": "tests/trainer_test.py",
+    "s2s_tf/train/stage_eval.py": "tests/trainer_test.py",
 }
 _RULES_BZL = "@rules_python//python:defs.bzl"
 _PY_RULES = ("py_library", "py_binary", "py_test")

@@ -200,6 +200,46 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
         no_augment = dataclasses.replace(config, augment=False)
         self.assertAllEqual(self._batches(no_augment, training=True)[0][0], eval_x)
 
+    def test_augmentation_modes(self):
+        config = data.DataConfig(
+            source="testing", image_size=(16, 16), global_batch_size=32, shuffle_buffer=1
+        )
+        ((eval_x, _),) = self._batches(config, training=False)
+        views = {
+            mode: self._batches(dataclasses.replace(config, augment=mode), training=True)[0][0]
+            for mode in data.AUGMENTATIONS
+        }
+        self.assertAllEqual(views["off"], eval_x)
+        self.assertGreater(np.abs(views["crop"] - eval_x).mean(), 0.01)
+        # The same seed draws the same crop; crop_flip then mirrors about half of them.
+        flipped = []
+        for crop, crop_flip in zip(views["crop"], views["crop_flip"], strict=True):
+            mirrored = np.array_equal(crop_flip, crop[:, ::-1])
+            self.assertTrue(mirrored or np.array_equal(crop_flip, crop))
+            flipped.append(mirrored and not np.array_equal(crop, crop[:, ::-1]))
+        self.assertBetween(sum(flipped), 4, 28)
+
+    def test_augment_setting_values(self):
+        self.assertEqual(data.DataConfig(augment=False).augment, "off")
+        self.assertEqual(data.DataConfig(augment=True).augment, "crop_flip")
+        self.assertEqual(data.DataConfig().augment, "crop_flip")
+        with self.assertRaisesRegex(ValueError, "augment must be one of"):
+            data.DataConfig(augment="flip")
+
+    @parameterized.parameters(1, 2)
+    def test_start_step_continues_the_stream(self, pipelines):
+        config = data.DataConfig(
+            source="testing", image_size=(16, 16), global_batch_size=8, shuffle_buffer=16
+        )
+        context = tf.distribute.InputContext(pipelines, 0, pipelines)
+        whole = data.make_dataset_fn(config, training=True)(context)
+        expected = [x.numpy() for x, _ in whole.take(7)][3:]
+        resumed = data.make_dataset_fn(config, training=True, start_step=3)(context)
+        for want, (got, _) in zip(expected, resumed.take(4), strict=True):
+            self.assertAllEqual(got, want)
+        with self.assertRaisesRegex(ValueError, "start_step"):
+            data.make_dataset_fn(config, training=True, start_step=-1)
+
     def test_training_repeats_and_shuffles_with_seed(self):
         config = data.DataConfig(source="testing", global_batch_size=48, augment=False)
         first = self._batches(config, training=True, num_batches=3)

@@ -9,6 +9,7 @@ from absl.testing import parameterized
 
 from s2s_tf import data as data_lib
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.train import loop_utils
 from s2s_tf.train import optim
 from s2s_tf.train import stages
 from s2s_tf.train import trainer
@@ -31,10 +32,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
             trainer.LoopConfig(**kwargs).validate()
 
     def test_crossed(self):
-        self.assertTrue(trainer._crossed(10, 5, 10))
-        self.assertTrue(trainer._crossed(12, 5, 10))
-        self.assertFalse(trainer._crossed(9, 5, 10))
-        self.assertEqual(trainer._to_next(7, 5), 3)
+        self.assertTrue(loop_utils.crossed(10, 5, 10))
+        self.assertTrue(loop_utils.crossed(12, 5, 10))
+        self.assertFalse(loop_utils.crossed(9, 5, 10))
+        self.assertEqual(loop_utils.to_next(7, 5), 3)
 
     def test_steps_checkpoints_and_summaries(self):
         workdir = tempfile.mkdtemp()

@@ -8,6 +8,7 @@ from s2s_tf.data.input_pipeline import load_numpy
 from s2s_tf.data.input_pipeline import make_dataset_fn
 from s2s_tf.data.input_pipeline import preprocess_eval
 from s2s_tf.data.input_pipeline import preprocess_train
+from s2s_tf.data.sources import AUGMENTATIONS
 from s2s_tf.data.sources import FASHION_MNIST_DIR
 from s2s_tf.data.sources import SOURCES
 from s2s_tf.data.sources import DataConfig
@@ -17,6 +18,7 @@ from s2s_tf.data.sources import load_source
 from s2s_tf.data.sources import read_idx
 
 __all__ = [
+    "AUGMENTATIONS",
     "FASHION_MNIST_DIR",
     "SOURCES",
     "DataConfig",

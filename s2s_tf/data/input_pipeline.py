@@ -1,14 +1,11 @@
 """Parsing, augmentation and `dataset_fn`: raw source examples to batches in [0, 1].
 
 `make_dataset_fn(config, training)` gives the `dataset_fn` of
-`strategy.distribute_datasets_from_function`; `load_numpy` reads a small evaluation set;
-`read_shards` streams a whole split in fixed-size shards, one in memory at a time.
+`strategy.distribute_datasets_from_function`; `load_numpy` reads a small evaluation set.
 """
 
 import dataclasses
 from collections.abc import Callable
-from collections.abc import Iterable
-from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -57,11 +54,19 @@ def preprocess_eval(image: tf.Tensor, size: tuple[int, int], fraction: float = 1
     return tf.ensure_shape(image, [*size, 3])
 
 
-def preprocess_train(image: tf.Tensor, size: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
-    """Random training view: crop and horizontal flip, reproducible from `seed` (shape [2]).
+def preprocess_train(
+    image: tf.Tensor, size: tuple[int, int], seed: tf.Tensor, flip: bool = True
+) -> tf.Tensor:
+    """Random training view: crop and (if `flip`) horizontal flip, reproducible from `seed`.
 
     Small outputs use pad-and-crop (padding an eighth of the side, reflected); larger ones use
     random resized crops of 8-100% of the area and aspect ratio 3/4-4/3.
+
+    Args:
+        image: One decoded image.
+        size: Output `(height, width)`.
+        seed: int64 `[2]` seed.
+        flip: Whether to flip left-right with probability 1/2.
     """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = _to_float_rgb(image)
@@ -81,39 +86,36 @@ def preprocess_train(image: tf.Tensor, size: tuple[int, int], seed: tf.Tensor) -
             use_image_if_no_bounding_boxes=True,
         )
         image = _resize(tf.slice(image, begin, crop), size)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return tf.ensure_shape(image, [*size, 3])
 
 
-def _evaluation_view(config: DataConfig) -> Callable[[tf.Tensor, tf.Tensor], tuple]:
-    """The evaluation pipelines' map: a raw example to (float32 [H, W, 3] in [0, 1], int32)."""
-
-    def evaluate(image, label):
-        return preprocess_eval(image, config.image_size, config.crop_fraction), tf.cast(
-            label, tf.int32
-        )
-
-    return evaluate
-
-
 def make_dataset_fn(
-    config: DataConfig, training: bool
+    config: DataConfig, training: bool, start_step: int = 0
 ) -> Callable[[tf.distribute.InputContext | None], tf.data.Dataset]:
     """Builds a `dataset_fn` for `strategy.distribute_datasets_from_function`.
 
-    Training pipelines shuffle (seeded), repeat forever, optionally augment and always drop
-    the last partial batch (nothing is lost when repeating, and shapes stay static). Evaluation
-    pipelines read each example of their shard once, in order.
+    Training pipelines shuffle (seeded), repeat forever, augment as `config.augment` says and
+    always drop the last partial batch (nothing is lost when repeating, and shapes stay
+    static). Their stream is a function of the seed alone, so a run resumed at `start_step`
+    reads what an uninterrupted run reads from that step on: the skipped examples are
+    dropped before they are decoded or augmented. Evaluation pipelines read each example of
+    their shard once, in order.
 
     Args:
         config: What to read and how to batch it.
         training: Whether to build the training pipeline.
+        start_step: Training only: global batches already consumed, skipped.
 
     Returns:
         `dataset_fn(input_context)` yielding `(float32 [b, H, W, 3] in [0, 1], int32 [b])`
         batches, with b the per-replica batch size (the global one when `input_context` is
         None); each input pipeline reads a disjoint shard.
     """
+
+    if not isinstance(start_step, int) or start_step < 0:
+        raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
 
     def dataset_fn(input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
         num_shards, shard_id, batch_size = 1, 0, config.global_batch_size
@@ -129,19 +131,35 @@ def make_dataset_fn(
             # Each pipeline gets its own stream of randomness so that shards are not augmented
             # in lockstep.
             ds = ds.shuffle(config.shuffle_buffer, seed=config.seed * 1009 + shard_id)
-            ds = ds.repeat()
-        if training and config.augment:
+            # Each pipeline reads global_batch / pipelines examples per step.
+            per_step = config.global_batch_size // num_shards
+            ds = ds.repeat().enumerate().skip(start_step * per_step)
+        if training and config.augment != "off":
             base_seed = tf.constant([config.seed, shard_id], tf.int64)
+            flip = config.augment == "crop_flip"
 
             def augment(index, example):
                 # One seed per element (from its position in the repeated stream), so results
                 # do not depend on map parallelism and differ between epochs.
                 seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-                return preprocess_train(example[0], size, seed), tf.cast(example[1], tf.int32)
+                image = preprocess_train(example[0], size, seed, flip)
+                return image, tf.cast(example[1], tf.int32)
 
-            ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        elif training:
+
+            def plain(index, example):
+                del index
+                image = preprocess_eval(example[0], size, config.crop_fraction)
+                return image, tf.cast(example[1], tf.int32)
+
+            ds = ds.map(plain, num_parallel_calls=tf.data.AUTOTUNE)
         else:
-            ds = ds.map(_evaluation_view(config), num_parallel_calls=tf.data.AUTOTUNE)
+
+            def evaluate(image, label):
+                return preprocess_eval(image, size, config.crop_fraction), tf.cast(label, tf.int32)
+
+            ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=training or config.drop_remainder)
         return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -164,61 +182,3 @@ def load_numpy(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         images.append(x)
         labels.append(y)
     return np.concatenate(images), np.concatenate(labels)
-
-
-def count_examples(config: DataConfig) -> int:
-    """How many examples the evaluation pipeline of `config` yields (bounded by `num_examples`).
-
-    Raises:
-        ValueError: If the split holds no example.
-    """
-    ds = load_source(config)
-    count = int(ds.cardinality())
-    if count < 0:  # unknown (a source that filters): count by reading it once
-        count = int(ds.reduce(np.int64(0), lambda n, *_: n + 1))
-    if count < 1:
-        raise ValueError(f"The {config.source!r} split {config.split!r} holds no example.")
-    return count
-
-
-def read_shards(
-    config: DataConfig, shard_size: int, wanted: Iterable[int] | None = None
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Streams the evaluation examples of `config` in shards of `shard_size`, in order.
-
-    Shard `i` holds the examples `[i * shard_size, (i + 1) * shard_size)` of the split
-    (the last one may be shorter), exactly as `load_numpy` returns them: the same source,
-    preprocessing and order. Shards are read one after the other, with the next one
-    prefetched, so memory holds a few shards whatever the size of the split.
-
-    Args:
-        config: Data config (its `num_examples` bounds the split; batching is ignored).
-        shard_size: Examples per shard.
-        wanted: Indices of the shards to return (default: all). The examples of other
-            shards are not preprocessed, but sources that decode files (folders, TFDS)
-            still read them; reading stops after the last wanted shard.
-
-    Yields:
-        `(shard index, images float32 [n, H, W, 3] in [0, 1], labels int32 [n])`.
-
-    Raises:
-        ValueError: If `shard_size` is not a positive int.
-    """
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}.")
-    ds = load_source(config).enumerate()
-    if wanted is not None:
-        keep = sorted({int(i) for i in wanted})
-        if not keep:
-            return
-        ds = ds.take((keep[-1] + 1) * shard_size)
-        keep_t = tf.constant(keep, tf.int64)
-        ds = ds.filter(lambda i, _: tf.reduce_any(tf.equal(i // shard_size, keep_t)))
-    view = _evaluation_view(config)
-    ds = ds.map(lambda i, example: (i, *view(*example)), num_parallel_calls=tf.data.AUTOTUNE)
-    # Every wanted shard but the split's last is full, so batches are exactly the shards.
-    for index, images, labels in ds.batch(shard_size).prefetch(1).as_numpy_iterator():
-        shard = int(index[0]) // shard_size
-        if int(index[-1]) // shard_size != shard:
-            raise AssertionError(f"shard {shard} mixes examples of other shards: {index}")
-        yield shard, images, labels

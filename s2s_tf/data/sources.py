@@ -25,6 +25,8 @@ from s2s_tf import config_io
 from s2s_tf.config_io import setting
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Training augmentations: none, random crops, random crops and horizontal flips.
+AUGMENTATIONS = ("off", "crop", "crop_flip")
 _FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
@@ -50,7 +52,10 @@ class DataConfig:
         global_batch_size: Batch size summed over all replicas.
         shuffle_buffer: Shuffle buffer size for training pipelines (1 keeps the order).
         seed: Seed of shuffling and augmentation.
-        augment: Whether training pipelines augment (random crop and horizontal flip).
+        augment: What training pipelines do to each image: "off", "crop" (random crops) or
+            "crop_flip" (random crops and horizontal flips). Flips change the meaning of digits
+            and text. `True` and `False` (configs written before the setting had modes) read
+            as "crop_flip" and "off".
         data_dir: Fashion-MNIST idx directory, or the TFDS `data_dir`.
         folder: Root of the image folder for the `"folder"` source.
         cache: Whether to cache decoded examples in memory (only for data that fits).
@@ -81,7 +86,12 @@ class DataConfig:
     )
     shuffle_buffer: int = 10_000
     seed: int = setting(0, "Random seed for shuffling, augmentation, init and attacks.")
-    augment: bool = True
+    augment: str = setting(
+        "crop_flip",
+        "Training augmentation: off, crop (random crops) or crop_flip (random crops and "
+        "horizontal flips; flips change the meaning of digits and text).",
+        choices=AUGMENTATIONS,
+    )
     data_dir: str | None = setting(None, "Fashion-MNIST idx directory, or the TFDS data_dir.")
     folder: str | None = setting(
         None, "Root of a folder of class subfolders of images.", flag="image_folder"
@@ -97,6 +107,10 @@ class DataConfig:
     def __post_init__(self):
         # Configs come back from JSON with lists; keep the field hashable and comparable.
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+        if isinstance(self.augment, bool):  # the setting's form before it had modes
+            object.__setattr__(self, "augment", "crop_flip" if self.augment else "off")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}.")
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be two positive ints, got {self.image_size}.")
         if self.global_batch_size < 1 or self.shuffle_buffer < 1:

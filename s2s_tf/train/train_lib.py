@@ -11,6 +11,11 @@ load them:
     workdir/stage1/autoencoder.keras     stage 1
     workdir/stage2/autoencoder.keras     stage 2 (fine-tuned decoder)
     workdir/stage2/defended.keras        stage 2 composite, [0, 1] image -> logits
+
+Stages 0 and 2 also take an adversarial objective (`stage0_objective`,
+`stage2_objective`) with its inner attack and held-out robustness check
+(`adversarial.AdversarialConfig`); stage 2 trains the decoder or the whole
+autoencoder (`stage2_trainable`).
 """
 
 import dataclasses
@@ -23,6 +28,7 @@ from s2s_tf import config_io
 from s2s_tf import constants
 from s2s_tf import data as data_lib
 from s2s_tf.config_io import setting
+from s2s_tf.train import adversarial as adversarial_lib
 from s2s_tf.train import distribute
 from s2s_tf.train import losses
 from s2s_tf.train import optim
@@ -49,6 +55,12 @@ class TrainConfig:
       bn_recalibration_batches: training batches that re-estimate the trained
         BatchNorm layers' statistics before the final model is saved (0: keep
         the moving averages).
+      stage0_objective: "standard" or "adversarial" (Madry's PGD training).
+      stage2_objective: "paper" or "adversarial" (TRADES-style, against the
+        soft-routing surrogate attack).
+      stage2_trainable: "decoder" (the paper) or "autoencoder" (encoder too).
+      adversarial: the inner attack of the adversarial objectives and the
+        held-out robustness check of stages 0 and 2.
     """
 
     stage: str = "stage1"
@@ -74,6 +86,23 @@ class TrainConfig:
         "(0: keep the moving averages).",
         lower_bound=0,
     )
+    stage0_objective: str = setting(
+        "standard",
+        "Stage 0: standard (cross-entropy) or adversarial (PGD adversarial training, Madry).",
+        choices=stages.STAGE0_OBJECTIVES,
+    )
+    stage2_objective: str = setting(
+        "paper",
+        "Stage 2: paper, or adversarial (TRADES-style robust KL against the soft-routing "
+        "surrogate attack, label-free with --stage2_loss=kl).",
+        choices=stages.STAGE2_OBJECTIVES,
+    )
+    stage2_trainable: str = setting(
+        "decoder",
+        "Stage 2 trains the decoder (the paper) or the whole autoencoder.",
+        choices=stages.STAGE2_PARTS,
+    )
+    adversarial: adversarial_lib.AdversarialConfig = adversarial_lib.AdversarialConfig()
 
     def validate(self):
         """Raises ValueError naming the first invalid field."""
@@ -88,6 +117,14 @@ class TrainConfig:
             raise ValueError(f"bn_recalibration_batches must be an int >= 0, got {batches!r}")
         if self.stage == "stage2" and not self.model.autoencoder_path:
             raise ValueError("stage 2 needs model.autoencoder_path (stage 1's autoencoder)")
+        for name, choices in (
+            ("stage0_objective", stages.STAGE0_OBJECTIVES),
+            ("stage2_objective", stages.STAGE2_OBJECTIVES),
+            ("stage2_trainable", stages.STAGE2_PARTS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        self.adversarial.validate()
         self.loop.validate()
         self.optimizer.validate()
         self.model.autoencoder.validate()
@@ -96,19 +133,29 @@ class TrainConfig:
 def make_stage(config):
     """Returns the `trainer.Stage` that `config.stage` names."""
     recalibration = stages.Recalibration(config.train_data, config.bn_recalibration_batches)
+    seed = config.train_data.seed
     if config.stage == "stage0":
-        return stages.ClassifierStage(config.model, recalibration)
+        madry = config.stage0_objective == "adversarial"
+        return stages.ClassifierStage(
+            config.model, recalibration, config.adversarial if madry else None, seed
+        )
     if config.stage == "stage1":
         with_classifier = bool(config.model.classifier_path or config.model.classifier_weights)
         return stages.ReconstructionStage(
             config.model, config.reconstruction_loss, with_classifier, recalibration
         )
+    # The paper's objective gets the robustness check too, to compare the two in TensorBoard.
     return stages.DecoderStage(
         config.model,
         config.stage2_loss,
         config.reconstruction_weight,
         config.reconstruction_loss,
         recalibration,
+        objective=config.stage2_objective,
+        trainable=config.stage2_trainable,
+        adversarial=config.adversarial,
+        calibration_data=config.train_data,
+        seed=seed,
     )
 
 
@@ -145,6 +192,10 @@ def train(config, workdir, strategy):
     if not result["preempted"] and stage.recalibrate_batch_norm():
         result["eval_before_bn_recalibration"] = result["eval"]
         result["eval"] = run.evaluate(tag_prefix="bn_recalibrated/")
+        robust = run.check_robustness(tag_prefix="bn_recalibrated/")
+        if robust:
+            result["robust_check_before_bn_recalibration"] = result.get("robust_check")
+            result["robust_check"] = robust
     if chief:
         with open(os.path.join(run.stage_dir, "result.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -13,17 +13,23 @@ does the rest the same way for every stage:
   per-example sums reduced over replicas into plain variables, and logging,
   summaries, evaluation and checkpoints happen in the Python outer loop;
 - the global step is `optimizer.iterations`; `CheckpointManager` restores at
-  start, saves every `checkpoint_every` steps, at the end and on SIGTERM.
+  start, saves every `checkpoint_every` steps, at the end and on SIGTERM;
+- a resumed run reads the training stream from where the checkpoint left it
+  (the data pipeline skips the batches already trained on) and the stages
+  derive their randomness from the global step, so a run killed and resumed
+  ends with the weights of an uninterrupted one;
+- a stage may offer a robustness check (`Stage.robust_check`) that runs on a
+  fixed held-out batch at every evaluation, e.g. robust accuracy under a
+  multi-step attack during adversarial training (catastrophic overfitting
+  shows as that accuracy collapsing).
 """
 
 import abc
-import contextlib
 import dataclasses
 import os
 import signal
 import time
 
-import keras
 import tensorflow as tf
 from absl import logging
 
@@ -31,7 +37,9 @@ from s2s_tf import data as data_lib
 from s2s_tf.config_io import setting
 from s2s_tf.train import checkpointing
 from s2s_tf.train import distribute
+from s2s_tf.train import loop_utils
 from s2s_tf.train import optim
+from s2s_tf.train import stage_eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +80,9 @@ class Stage(abc.ABC):
     name = "stage"
     train_keys = ("loss",)
     eval_keys = ()
+    # The global step (the optimizer's iteration count), set by the `Trainer`: stages
+    # that draw random numbers seed them with it, so a resumed run draws the same.
+    global_step = None
 
     @abc.abstractmethod
     def build(self):
@@ -101,6 +112,19 @@ class Stage(abc.ABC):
     def summaries(self, images, labels, step):
         """Writes image and histogram summaries for a fixed sample batch (chief only)."""
         del images, labels, step  # stages without visual outputs write none
+
+    # Examples of the held-out batch `robust_check` runs on (0: the stage has no check).
+    robust_check_examples = 0
+
+    def robust_check(self, images, labels):
+        """Scalars about robustness on a fixed held-out batch (chief only, inference mode).
+
+        Returns:
+          A dict of floats; "accuracy" is the robust accuracy the trainer watches
+          for a collapse (catastrophic overfitting).
+        """
+        del images, labels
+        return {}
 
     @abc.abstractmethod
     def save_final(self, directory):
@@ -147,12 +171,13 @@ class Trainer:
         self.stage_dir = os.path.join(workdir, stage.name)
         self.is_chief = distribute.is_chief(strategy)
         self.clip_norm = optimizer_config.clip_global_norm
-        with strategy.scope(), _dtype_policy(loop.mixed_precision):
+        with strategy.scope(), loop_utils.dtype_policy(loop.mixed_precision):
             stage.build()
             self.optimizer = optim.build_optimizer(
                 optimizer_config, loop.train_steps, loop.mixed_precision
             )
             self.optimizer.build(stage.trainable_variables)  # keras-team/keras#23085
+        stage.global_step = self.optimizer.iterations
         self.checkpoints = checkpointing.StageCheckpoints(
             tf.train.Checkpoint(optimizer=self.optimizer, **stage.checkpoint_items()),
             self.stage_dir,
@@ -160,13 +185,14 @@ class Trainer:
             loop.max_checkpoints,
         )
         self.restored_step = self.checkpoints.restore()
-        self._train_sums = _accumulators(("examples", *stage.train_keys))
-        self._eval_sums = _accumulators(("examples", *stage.eval_keys))
+        self._train_sums = loop_utils.accumulators(("examples", *stage.train_keys))
         self._train_loop = self._make_train_loop()
-        self._eval_loops = {}  # per-replica batch size -> compiled eval loop
-        writer = tf.summary.create_file_writer if self.is_chief else _noop_writer
+        writer = tf.summary.create_file_writer if self.is_chief else loop_utils.noop_writer
         self.train_writer = writer(os.path.join(workdir, "train", stage.name))
         self.eval_writer = writer(os.path.join(workdir, "eval", stage.name))
+        self.evaluator = stage_eval.StageEvaluator(
+            stage, strategy, self.eval_writer, lambda: self.step, train_data, eval_data
+        )
         self._preempted = False
         self._config_text = config_text
 
@@ -207,79 +233,17 @@ class Trainer:
             for _ in tf.range(num_steps):
                 images, labels = next(iterator)
                 per_replica = self.strategy.run(step_fn, args=(images, labels))
-                _accumulate(self.strategy, self._train_sums, per_replica)
+                loop_utils.accumulate(self.strategy, self._train_sums, per_replica)
 
         return train_loop
 
-    def _make_eval_loop(self, per_replica_batch):
-        """A compiled loop that adds every batch of an eval iterator to the eval sums.
-
-        The last global batch of a split leaves some replicas a short or empty batch
-        (and a worker whose shard ran out gets empty ones). Each replica pads its batch
-        to `per_replica_batch` rows and masks the padding out of the sums and of the
-        example count, so all run the same shapes and the means are one device's.
-        """
-
-        def replica_eval(images, labels):
-            images, labels, valid = _pad_to(images, labels, per_replica_batch)
-            outputs = self.stage.eval_outputs(images, labels)
-            # tf.where, not a product: a padded all-zero image may give inf or NaN
-            # (e.g. PSNR), and NaN * 0 is NaN.
-            sums = {
-                k: tf.reduce_sum(tf.where(valid, tf.cast(v, tf.float32), 0.0))
-                for k, v in outputs.items()
-            }
-            sums["examples"] = tf.reduce_sum(tf.cast(valid, tf.float32))
-            return sums
-
-        # The loop runs in the graph: called per batch from Python, the step would be traced
-        # again for every new combination of per-replica batch shapes.
-        @tf.function
-        def eval_loop(iterator):
-            for batch in iterator:
-                per_replica = self.strategy.run(replica_eval, args=batch)
-                _accumulate(self.strategy, self._eval_sums, per_replica)
-
-        return eval_loop
-
     def evaluate(self, eval_data=None, tag_prefix=""):
-        """Means over an eval split of the stage's eval outputs, each example counted once.
+        """Means of the stage's eval outputs over a split (`StageEvaluator.evaluate`)."""
+        return self.evaluator.evaluate(eval_data, tag_prefix)
 
-        Args:
-          eval_data: the split (a `data.DataConfig`); defaults to the trainer's.
-          tag_prefix: prefix of the summaries' tags (e.g. for a second evaluation
-            at the same step, of the final model).
-
-        Returns:
-          Per-example means keyed by the stage's `eval_keys` (empty without a split).
-
-        Raises:
-          ValueError: when the global batch does not split over the replicas.
-        """
-        eval_data = self.eval_data if eval_data is None else eval_data
-        if eval_data is None or not self.stage.eval_keys:
-            return {}
-        distribute.check_global_batch(eval_data.global_batch_size, self.strategy)
-        per_replica = eval_data.global_batch_size // self.strategy.num_replicas_in_sync
-        if per_replica not in self._eval_loops:
-            self._eval_loops[per_replica] = self._make_eval_loop(per_replica)
-        _reset(self._eval_sums)
-        dataset = self.strategy.distribute_datasets_from_function(
-            data_lib.make_dataset_fn(eval_data, training=False)
-        )
-        self._eval_loops[per_replica](iter(dataset))
-        results = _means(self._eval_sums)
-        with self.eval_writer.as_default(step=self.step):
-            for key, value in results.items():
-                tf.summary.scalar(f"{tag_prefix}{key}", value)
-        logging.info("%s eval at step %d: %s", self.stage.name, self.step, _format(results))
-        return results
-
-    def _sample_batch(self):
-        config = self.eval_data or self.train_data
-        config = dataclasses.replace(config, global_batch_size=8, num_examples=8)
-        images, labels = data_lib.load_numpy(config)
-        return tf.constant(images), tf.constant(labels)
+    def check_robustness(self, tag_prefix=""):
+        """The stage's held-out robustness check (`StageEvaluator.check_robustness`)."""
+        return self.evaluator.check_robustness(tag_prefix)
 
     def train(self):
         """Trains to `loop.train_steps`, then saves, evaluates and writes the final model.
@@ -291,14 +255,13 @@ class Trainer:
         total, start = self.loop.train_steps, self.step
         if start:
             logging.info("%s: resumed from checkpoint at step %d/%d", self.stage.name, start, total)
-        # A new seed per resume, so a restarted run does not replay the same batches.
-        data = dataclasses.replace(self.train_data, seed=self.train_data.seed + start)
+        # The same stream as an uninterrupted run, without the batches already trained on.
         iterator = iter(
             self.strategy.distribute_datasets_from_function(
-                data_lib.make_dataset_fn(data, training=True)
+                data_lib.make_dataset_fn(self.train_data, training=True, start_step=start)
             )
         )
-        sample = self._sample_batch() if self.is_chief else None
+        sample = self.evaluator.sample_batch() if self.is_chief else None
         if self._config_text:
             with self.train_writer.as_default(step=start):
                 tf.summary.text("config", f"```\n{self._config_text}\n```")
@@ -313,28 +276,35 @@ class Trainer:
             return {"step": self.step, "preempted": True, "train": train_metrics}
         self.checkpoints.save(self.step)
         eval_metrics = self.evaluate()
+        robust = self.check_robustness()
         paths = self.stage.save_final(self.stage_dir) if self.is_chief else []
         self.train_writer.flush()
         self.eval_writer.flush()
-        return {
+        result = {
             "step": self.step,
             "preempted": False,
             "train": train_metrics,
             "eval": eval_metrics,
             "final_models": paths,
         }
+        if robust:
+            result["robust_check"] = robust
+            result["robust_check_best"] = self.evaluator.robust_watch.best
+        return result
 
     def _run(self, iterator, total, sample):
-        metrics, clock = {}, _Progress(self.stage.name, self.step, total)
+        metrics, clock = {}, loop_utils.Progress(self.stage.name, self.step, total)
         while self.step < total and not self._preempted:
             step = self.step
             num = min(
-                self.loop.steps_per_loop, total - step, _to_next(step, self.loop.checkpoint_every)
+                self.loop.steps_per_loop,
+                total - step,
+                loop_utils.to_next(step, self.loop.checkpoint_every),
             )
-            _reset(self._train_sums)
+            loop_utils.reset(self._train_sums)
             start = time.perf_counter()
             self._train_loop(iterator, tf.constant(num, tf.int32))
-            metrics = _means(self._train_sums)
+            metrics = loop_utils.means(self._train_sums)
             step = self.step
             metrics["images_per_sec"] = (
                 num * self.train_data.global_batch_size / (time.perf_counter() - start)
@@ -344,107 +314,15 @@ class Trainer:
             with self.train_writer.as_default(step=step):
                 for key, value in metrics.items():
                     tf.summary.scalar(key, value)
-                if sample is not None and _crossed(step, num, self.loop.summary_every):
+                if sample is not None and loop_utils.crossed(step, num, self.loop.summary_every):
                     self.stage.summaries(*sample, step)
-            if _crossed(step, num, self.loop.checkpoint_every) and step < total:
+            if loop_utils.crossed(step, num, self.loop.checkpoint_every) and step < total:
                 self.checkpoints.save(step)
-            if _crossed(step, num, self.loop.eval_every) and step < total:
+            if loop_utils.crossed(step, num, self.loop.eval_every) and step < total:
                 self.evaluate()
+                self.check_robustness()
         return metrics
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
         self._preempted = True
-
-
-class _Progress:
-    """Console progress: step, metrics, images/s and ETA."""
-
-    def __init__(self, name, start_step, total):
-        self.name, self.start_step, self.total = name, start_step, total
-        self.start_time = time.perf_counter()
-
-    def log(self, step, metrics):
-        elapsed = time.perf_counter() - self.start_time
-        done = step - self.start_step
-        eta = elapsed / done * (self.total - step) if done else 0.0
-        logging.info(
-            "%s step %d/%d (%.0f%%) | %s | ETA %s",
-            self.name,
-            step,
-            self.total,
-            100.0 * step / self.total,
-            _format(metrics),
-            _duration(eta),
-        )
-
-
-@contextlib.contextmanager
-def _dtype_policy(mixed_precision):
-    """Builds the models under "mixed_float16" when asked, restoring the policy after."""
-    previous = keras.config.dtype_policy()
-    if mixed_precision:
-        keras.config.set_dtype_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def _pad_to(images, labels, size):
-    """Pads a batch of at most `size` rows (maybe none) to exactly `size` rows.
-
-    Returns:
-      `(images, labels, valid)`: the padded batch (zero images, label 0) and a
-      bool `[size]` that is True for the real rows.
-    """
-    count = tf.shape(images)[0]
-    padding = [[0, size - count]]
-    images = tf.pad(images, padding + [[0, 0]] * (images.shape.rank - 1))
-    images = tf.ensure_shape(images, [size, *images.shape[1:]])
-    labels = tf.pad(labels, padding)
-    valid = tf.range(size) < count
-    return images, tf.ensure_shape(labels, [size]), valid
-
-
-def _accumulators(keys):
-    return {k: tf.Variable(0.0, trainable=False, dtype=tf.float32, name=f"sum_{k}") for k in keys}
-
-
-def _accumulate(strategy, sums, per_replica):
-    for key, value in per_replica.items():
-        sums[key].assign_add(strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None))
-
-
-def _reset(sums):
-    for var in sums.values():
-        var.assign(0.0)
-
-
-def _means(sums):
-    count = max(float(sums["examples"].numpy()), 1.0)
-    return {k: float(v.numpy()) / count for k, v in sums.items() if k != "examples"}
-
-
-def _to_next(step, every):
-    return every - step % every
-
-
-def _crossed(step, num, every):
-    """Whether (step - num, step] contains a multiple of `every`."""
-    return step // every > (step - num) // every
-
-
-def _format(metrics):
-    return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-
-
-def _duration(seconds):
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def _noop_writer(logdir):
-    del logdir
-    return tf.summary.create_noop_writer()
