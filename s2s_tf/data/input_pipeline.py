@@ -1,11 +1,14 @@
 """Parsing, augmentation and `dataset_fn`: raw source examples to batches in [0, 1].
 
 `make_dataset_fn(config, training)` gives the `dataset_fn` of
-`strategy.distribute_datasets_from_function`; `load_numpy` reads a small evaluation set.
+`strategy.distribute_datasets_from_function`; `load_numpy` reads a small evaluation set;
+`read_shards` streams a whole split in fixed-size shards, one in memory at a time.
 """
 
 import dataclasses
 from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -91,6 +94,17 @@ def preprocess_train(
     return tf.ensure_shape(image, [*size, 3])
 
 
+def _evaluation_view(config: DataConfig) -> Callable[[tf.Tensor, tf.Tensor], tuple]:
+    """The evaluation pipelines' map: a raw example to (float32 [H, W, 3] in [0, 1], int32)."""
+
+    def evaluate(image, label):
+        return preprocess_eval(image, config.image_size, config.crop_fraction), tf.cast(
+            label, tf.int32
+        )
+
+    return evaluate
+
+
 def make_dataset_fn(
     config: DataConfig, training: bool, start_step: int = 0
 ) -> Callable[[tf.distribute.InputContext | None], tf.data.Dataset]:
@@ -155,11 +169,7 @@ def make_dataset_fn(
 
             ds = ds.map(plain, num_parallel_calls=tf.data.AUTOTUNE)
         else:
-
-            def evaluate(image, label):
-                return preprocess_eval(image, size, config.crop_fraction), tf.cast(label, tf.int32)
-
-            ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(_evaluation_view(config), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=training or config.drop_remainder)
         return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -182,3 +192,61 @@ def load_numpy(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         images.append(x)
         labels.append(y)
     return np.concatenate(images), np.concatenate(labels)
+
+
+def count_examples(config: DataConfig) -> int:
+    """How many examples the evaluation pipeline of `config` yields (bounded by `num_examples`).
+
+    Raises:
+        ValueError: If the split holds no example.
+    """
+    ds = load_source(config)
+    count = int(ds.cardinality())
+    if count < 0:  # unknown (a source that filters): count by reading it once
+        count = int(ds.reduce(np.int64(0), lambda n, *_: n + 1))
+    if count < 1:
+        raise ValueError(f"The {config.source!r} split {config.split!r} holds no example.")
+    return count
+
+
+def read_shards(
+    config: DataConfig, shard_size: int, wanted: Iterable[int] | None = None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Streams the evaluation examples of `config` in shards of `shard_size`, in order.
+
+    Shard `i` holds the examples `[i * shard_size, (i + 1) * shard_size)` of the split
+    (the last one may be shorter), exactly as `load_numpy` returns them: the same source,
+    preprocessing and order. Shards are read one after the other, with the next one
+    prefetched, so memory holds a few shards whatever the size of the split.
+
+    Args:
+        config: Data config (its `num_examples` bounds the split; batching is ignored).
+        shard_size: Examples per shard.
+        wanted: Indices of the shards to return (default: all). The examples of other
+            shards are not preprocessed, but sources that decode files (folders, TFDS)
+            still read them; reading stops after the last wanted shard.
+
+    Yields:
+        `(shard index, images float32 [n, H, W, 3] in [0, 1], labels int32 [n])`.
+
+    Raises:
+        ValueError: If `shard_size` is not a positive int.
+    """
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}.")
+    ds = load_source(config).enumerate()
+    if wanted is not None:
+        keep = sorted({int(i) for i in wanted})
+        if not keep:
+            return
+        ds = ds.take((keep[-1] + 1) * shard_size)
+        keep_t = tf.constant(keep, tf.int64)
+        ds = ds.filter(lambda i, _: tf.reduce_any(tf.equal(i // shard_size, keep_t)))
+    view = _evaluation_view(config)
+    ds = ds.map(lambda i, example: (i, *view(*example)), num_parallel_calls=tf.data.AUTOTUNE)
+    # Every wanted shard but the split's last is full, so batches are exactly the shards.
+    for index, images, labels in ds.batch(shard_size).prefetch(1).as_numpy_iterator():
+        shard = int(index[0]) // shard_size
+        if int(index[-1]) // shard_size != shard:
+            raise AssertionError(f"shard {shard} mixes examples of other shards: {index}")
+        yield shard, images, labels
