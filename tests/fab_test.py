@@ -57,12 +57,12 @@ def _reference_projection(t, w, b):
     return np.where(c2[:, None], d2, d) * (w != 0)
 
 
-def _reference_fab_t(weights, bias, x, y, target, steps):
-    """The reference's `attack_single_run` (L-inf, targeted, no random start) on the
-    linear model x @ weights + bias, in float64 NumPy. Returns (adversarial or x, its norm)."""
+def _reference_fab_t(weights, bias, x, start, y, target, steps):
+    """The reference's `attack_single_run` (L-inf, targeted) from `start` on the linear
+    model x @ weights + bias, in float64 NumPy. Returns (adversarial or x, its norm)."""
     n = len(x)
     x0 = x.reshape(n, -1).astype(np.float64)
-    x1, adv, res = x0.copy(), x0.copy(), np.full(n, 1e10)
+    x1, adv, res = start.reshape(n, -1).astype(np.float64), x0.copy(), np.full(n, 1e10)
     grad = (weights[:, target] - weights[:, y]).T  # d(z_t - z_y)/dx, constant for a linear model
     for _ in range(steps):
         z = x1 @ weights + bias
@@ -169,22 +169,28 @@ class FabTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(np.all(ratio >= 1.0 - 1e-4), ratio)  # nothing beats the closed form
         self.assertTrue(np.all(ratio <= 1.05), ratio)
 
-    def test_path_matches_reference_loop(self):
+    @parameterized.parameters(True, False)
+    def test_path_matches_reference_loop(self, rand_init):
         # A general 10-class linear model, data near the box's ends: every class can win,
-        # and the projections hit the box.
+        # and the projections hit the box. From a random start alpha_max binds.
         rng = np.random.default_rng(3)
         weights = rng.normal(size=(DIM, NUM_CLASSES))
         bias = rng.normal(size=NUM_CLASSES)
-        x = rng.choice([0.0, 0.02, 0.5, 0.98, 1.0], (8, *SHAPE))
+        x = rng.choice([0.0, 0.02, 0.5, 0.98, 1.0], (8, *SHAPE)).astype(np.float32)
         z = x.reshape(8, -1) @ weights + bias
         y = z.argmax(1).astype(np.int32)
         target = np.argsort(-z, 1, kind="stable")[:, 1]
-        expected, res = _reference_fab_t(weights, bias, x, y, target, steps=25)
+        eps, seeds = 0.5, _seeds(8)
+        # The first target's start (salted by its rank, 1), as the attack draws it.
+        start = fab._random_start(tf.constant(x), eps, seeds, 1, 0.0, 1.0).numpy()
+        start = start if rand_init else x
+        self.assertEqual(np.abs(start - x).max() > 0, rand_init)
+        expected, res = _reference_fab_t(weights, bias, x, start, y, target, steps=25)
         result = fab._fab_t(
-            _linear(weights, bias), x.astype(np.float32), y, np.inf, steps=25, seed=None,
-            n_target_classes=1, rand_init=False, **OPTS,
+            _linear(weights, bias), x, y, eps, steps=25, seed=seeds, n_target_classes=1,
+            rand_init=rand_init, **OPTS,
         )  # fmt: skip
-        self.assertTrue(np.all(res < 1e10))
+        self.assertTrue(np.all(res <= eps))
         self.assertAllClose(result.x, expected, atol=1e-4)
         self.assertAllClose(result.norm, res, atol=1e-4)
 
