@@ -70,8 +70,8 @@ def export_models(directory):
             classifier_path=classifier_path,
         )
     )
-    # The composite's autoencoder stage in [0, 1] units, unclipped, as the composite runs it.
-    purifier = s2s_model.build_purifier(autoencoder, shape, clip=False)
+    # The composite's autoencoder stage in [0, 1] units, clipped, as the composite runs it.
+    purifier = s2s_model.build_purifier(autoencoder, shape)
     purifier_dir = os.path.join(directory, "purifier")
     classifier_dir = os.path.join(directory, "classifier")
     purifier.export(purifier_dir, verbose=False)

@@ -20,6 +20,12 @@ only all-digit names) never sees half a version; an existing version is
 replaced only with `overwrite=True`. Directories left by a killed export are
 removed (or, for a replaced version, restored) by the next export.
 
+Each version's model card records what the version was made from
+(`provenance.made_from`: the SHA-256 of the model files and of the report,
+and the export's settings); `export_unless_current` reuses the latest version only when
+that record equals the current one, so a retrained model or a rerun evaluation
+always gets a new version.
+
 The environment variable `S2S_EXPORT_PAUSE_BEFORE_RENAME` (seconds) makes an
 export sleep once its temporary directory is complete, before the rename;
 tests use it to kill an export at that point.
@@ -34,11 +40,13 @@ import time
 import uuid
 
 import keras
+from absl import logging
 
 from s2s_tf import config_io
 from s2s_tf import constants
 from s2s_tf.config_io import setting
 from s2s_tf.export import model_card
+from s2s_tf.export import provenance
 from s2s_tf.export import serving_files
 from s2s_tf.export import signatures
 from s2s_tf.models import s2s_model
@@ -221,7 +229,7 @@ def build_serving_models(autoencoder, classifier, image_size=None):
     input_shape = (*size, classifier.input_shape[-1])
     return ServingModels(
         defended=s2s_model.build_s2s_model(autoencoder, classifier, input_shape),
-        purifier=s2s_model.build_purifier(autoencoder, input_shape, clip=True),
+        purifier=s2s_model.build_purifier(autoencoder, input_shape),
         classifier=classifier,
         image_size=size,
     )
@@ -308,12 +316,47 @@ def report_path(config):
     return default if default and os.path.exists(default) else None
 
 
-def _write_model_card(config, directory, autoencoder, classifier, image_size, report):
-    sources = {
-        key: getattr(config, key)
-        for key in ("defended_path", "autoencoder_path", "classifier_path")
-    }
-    card = model_card.build_card(sources, autoencoder, classifier, image_size, report)
+def recorded_provenance(version_dir):
+    """The provenance in a version's model card, or None when it has none."""
+    path = os.path.join(version_dir, serving_files.WARMUP_DIR, model_card.CARD_JSON)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("provenance")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def current_version(config):
+    """The latest version's directory if it was made from exactly what `config` gives now.
+
+    Returns:
+      The directory, or None when there is no version, or the latest one was
+      made from other model bytes, another report (or none) or other settings.
+    """
+    config.validate()
+    existing = versions(config.export_base)
+    if not existing:
+        return None
+    latest = os.path.join(config.export_base, str(existing[-1]))
+    if recorded_provenance(latest) != provenance.made_from(config, report_path(config)):
+        return None
+    return latest
+
+
+def export_unless_current(config):
+    """`export(config)` unless the latest version is `current_version`; returns its directory."""
+    latest = current_version(config)
+    if latest:
+        logging.info("reusing export version %s: same models, report and settings", latest)
+        return latest
+    return export(config)
+
+
+def _write_model_card(config, directory, parts, image_size, report, made_from):
+    autoencoder, classifier = parts
+    card = model_card.build_card(
+        provenance.sources(config), autoencoder, classifier, image_size, report, made_from
+    )
     return model_card.write_card(os.path.join(directory, serving_files.WARMUP_DIR), card)
 
 
@@ -341,6 +384,7 @@ def export(config):
     if os.path.exists(target) and not config.overwrite:
         raise FileExistsError(f"version exists (pass overwrite to replace it): {target}")
     autoencoder, classifier = load_models(config)
+    made_from = provenance.made_from(config, report)
     models = build_serving_models(autoencoder, classifier, config.image_size)
     os.makedirs(base, exist_ok=True)
     tmp = os.path.join(base, f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -354,7 +398,8 @@ def export(config):
             os.path.join(tmp, serving_files.WARMUP_DIR, CONFIG_FILE), "w", encoding="utf-8"
         ) as f:
             json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
-        _write_model_card(config, tmp, autoencoder, classifier, models.image_size, report)
+        parts = (autoencoder, classifier)
+        _write_model_card(config, tmp, parts, models.image_size, report, made_from)
         serving_files.write_model_server_config(
             base, config.model_name, config.serving_base_path or f"/models/{config.model_name}"
         )

@@ -10,8 +10,15 @@ autoencoder's shape, the training data and stage-2 loss (read from the
 one), software versions, and, from the robustness report
 (`<workdir>/eval_report/robustness.json`) when there is one: clean accuracy
 with and without the defense, the per-example worst-case robust accuracy per
-eps and the sanity checks that failed. Without a report those fields say
-"not evaluated" rather than anything that could pass for a result.
+eps, whether the attacks converged, and the sanity checks (failed, undecided
+and not run, each named). Without a report those fields say "not evaluated"
+rather than anything that could pass for a result.
+
+Provenance is by content: the card records the SHA-256 of the exported model
+files and of the report, and the report records the SHA-256 of the files it
+evaluated (`model_files`), so "the evaluated model is the exported one" means
+the same bytes, whatever the paths. A report without those hashes leaves the
+question open ("unknown"), with a warning.
 """
 
 import datetime
@@ -23,7 +30,9 @@ import tensorflow as tf
 
 import s2s_tf
 from s2s_tf import constants
+from s2s_tf.export import provenance as provenance_lib
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import s2s_model
 
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "model_card.md"
@@ -31,6 +40,8 @@ CARD_MARKDOWN = "model_card.md"
 REPORT_JSON = constants.REPORT_JSON
 NOT_EVALUATED = "not evaluated"
 UNKNOWN = "unknown"
+# How a sanity check ended: `passed` True / False, or None with data (undecided) or without.
+PASSED, FAILED, UNDECIDED, NOT_RUN = "passed", "failed", "undecided", "not run"
 # The file training writes beside a stage's final models (s2s_tf.train.train_lib).
 _STAGE_CONFIG = "config.json"
 
@@ -108,11 +119,22 @@ def _classifier(classifier, sources, training, classifier_training):
     }
 
 
-def _same_file(a, b):
-    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+def _convergence(results):
+    """The attacks' convergence verdict from the report, when the evaluation made one."""
+    if "converged" not in results:
+        return {"converged": NOT_EVALUATED}
+    details = {}
+    for eps, row in (results.get("convergence") or {}).items():
+        reruns = {
+            what: {"passed": row[what].get("passed"), "detail": row[what].get("detail")}
+            for what in ("more_steps", "more_restarts")
+            if isinstance(row.get(what), dict)
+        }
+        details[eps] = {"converged": row.get("converged"), "source": row.get("source"), **reruns}
+    return {"converged": results["converged"], "convergence": details}
 
 
-def _evaluation(report, report_path, sources):
+def _evaluation(report, report_path, sources, exported):
     """The card's numbers from the report (each "not evaluated" without one)."""
     if report is None:
         keys = ("clean_accuracy", "robust_accuracy", "sanity_checks")
@@ -122,13 +144,10 @@ def _evaluation(report, report_path, sources):
     headline = report.get("headline") or results.get("headline")
     checks = report.get("checks")
     evaluated = report.get("config", {})
-    model = evaluated.get("defended_path") or evaluated.get("autoencoder_path")
-    exported = sources.get("defended_path") or sources.get("autoencoder_path")
     return {
         "report": os.path.abspath(report_path),
-        "evaluated_model": model or UNKNOWN,
-        # A report of another model file (e.g. before retraining) does not describe this export.
-        "evaluated_model_is_exported": _same_file(model, exported),
+        # A report of other model bytes (e.g. before retraining) does not describe this export.
+        **provenance_lib.evaluated_is_exported(report, sources, exported),
         "examples": results.get("num_examples"),
         "split": evaluated.get("data", {}).get("split", UNKNOWN),
         "clean_accuracy": {
@@ -136,20 +155,39 @@ def _evaluation(report, report_path, sources):
             "defended": clean.get("defended", NOT_EVALUATED),
         },
         "robust_accuracy": headline if isinstance(headline, dict) and headline else NOT_EVALUATED,
+        **_convergence(results),
         "sanity_checks": NOT_EVALUATED if checks is None else _checks(checks),
     }
 
 
+def check_status(check):
+    """How a check ended: passed, failed, undecided (`passed` None, but it ran) or not run.
+
+    A check whose `passed` is None is undecided when it carries paired counts
+    or a reason (e.g. too few discordant pairs), and "not run" when it had no data.
+    """
+    if check.get("passed") is True:
+        return PASSED
+    if check.get("passed") is False:
+        return FAILED
+    detail = str(check.get("detail") or "").strip().lower()
+    ran = "only_a" in check or (detail and not detail.startswith(NOT_RUN))
+    return UNDECIDED if ran else NOT_RUN
+
+
 def _checks(checks):
-    failed = [c for c in checks if c.get("passed") is False]
-    return {
-        "passed": sum(1 for c in checks if c.get("passed") is True),
-        "undecided": sum(1 for c in checks if c.get("passed") is None),
-        "failed": [{"name": c.get("name"), "detail": c.get("detail")} for c in failed],
-    }
+    by_status = {status: [] for status in (FAILED, UNDECIDED, NOT_RUN)}
+    passed = 0
+    for check in checks:
+        status = check_status(check)
+        if status == PASSED:
+            passed += 1
+        else:
+            by_status[status].append({"name": check.get("name"), "detail": check.get("detail")})
+    return {"passed": passed, **by_status}
 
 
-def build_card(sources, autoencoder, classifier, image_size, report_path=None):
+def build_card(sources, autoencoder, classifier, image_size, report_path=None, provenance=None):
     """The model card of one export, as a JSON-ready dict.
 
     Args:
@@ -159,6 +197,8 @@ def build_card(sources, autoencoder, classifier, image_size, report_path=None):
       classifier: the exported [0, 1]-input classifier.
       image_size: (H, W) the version serves.
       report_path: a robustness.json, or None for a card without results.
+      provenance: what the export was made from (`provenance.made_from`), with
+        "model_files" {path: sha256}; None hashes the source files here.
 
     Returns:
       The card.
@@ -171,6 +211,11 @@ def build_card(sources, autoencoder, classifier, image_size, report_path=None):
         sources.get("classifier_path") or (training or {}).get("model", {}).get("classifier_path")
     )
     report = load_report(report_path) if report_path else None
+    if provenance is None:
+        files = s2s_model.file_digests(provenance_lib.model_sources(sources))
+        digest = s2s_model.file_sha256(report_path) if report_path else None
+        report_record = {"path": report_path, "sha256": digest} if report_path else None
+        provenance = {"model_files": files, "report": report_record}
     return {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": {k: v for k, v in sources.items() if v},
@@ -183,7 +228,8 @@ def build_card(sources, autoencoder, classifier, image_size, report_path=None):
         },
         "stage2_loss": (training or {}).get("stage2_loss", UNKNOWN),
         "reconstruction_weight": (training or {}).get("reconstruction_weight", UNKNOWN),
-        "evaluation": _evaluation(report, report_path, sources),
+        "evaluation": _evaluation(report, report_path, sources, provenance["model_files"]),
+        "provenance": provenance,
         "software": {
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
@@ -224,18 +270,59 @@ def markdown(card):
             f"classifier alone {_pct(clean['classifier'])}, defended {_pct(clean['defended'])}."
         )
         lines.append(f"Report: `{evaluation['report']}`.")
-        if not evaluation["evaluated_model_is_exported"]:
-            lines.append(
-                f"WARNING: the report evaluated `{evaluation['evaluated_model']}`, not the "
-                "exported model file; its numbers may not describe this version."
-            )
+        lines += _provenance_lines(evaluation)
     else:
         lines.append(f"Clean accuracy: {clean}.")
     lines += ["", "Robust accuracy (per-example worst case over every attack run):", ""]
     lines += _robust_lines(evaluation["robust_accuracy"])
+    lines += ["", *_convergence_lines(evaluation)]
     lines += ["", "Sanity checks:", ""] + _check_lines(evaluation["sanity_checks"])
     software = ", ".join(f"{k} {v}" for k, v in card["software"].items())
-    return "\n".join([*lines, "", f"Software: {software}.", ""])
+    lines += ["", f"Software: {software}.", "", "## Provenance (SHA-256)"]
+    for path, digest in card["provenance"]["model_files"].items():
+        lines.append(f"- exported `{path}`: `{digest}`")
+    report = card["provenance"].get("report")
+    lines.append(f"- report `{report['path']}`: `{report['sha256']}`" if report else "- no report")
+    return "\n".join([*lines, ""])
+
+
+def _provenance_lines(evaluation):
+    """A warning unless the report is shown to have evaluated the exported bytes."""
+    same, evaluated = evaluation["evaluated_model_is_exported"], evaluation["evaluated_model"]
+    if same is None:
+        return [
+            f"WARNING: the report records no content hash of `{evaluated}`, so whether its "
+            "numbers describe this version is unknown."
+        ]
+    if not same:
+        return [
+            f"WARNING: the report evaluated `{evaluated}`, whose bytes (SHA-256) differ from "
+            "the exported model files; its numbers do not describe this version."
+        ]
+    return []
+
+
+def _convergence_lines(evaluation):
+    converged = evaluation.get("converged", NOT_EVALUATED)
+    if converged is False:
+        head = "Robust accuracy: NOT CONVERGED (more attack effort still fooled more examples)."
+    elif converged is True:
+        head = "Robust accuracy: converged (more attack effort fooled no more examples)."
+    elif converged is None:
+        head = "Robust accuracy: convergence undecided (too few discordant pairs, or no reruns)."
+    else:
+        return [f"Convergence: {converged}."]
+    lines = [head]
+    for eps in sorted(evaluation.get("convergence") or {}, key=_eps_order):
+        row = evaluation["convergence"][eps]
+        state = {True: "converged", False: "NOT CONVERGED", None: "undecided"}.get(
+            row.get("converged"), str(row.get("converged"))
+        )
+        lines.append(f"- {eps} ({row.get('source') or 'n/a'}): {state}")
+        for what in ("more_steps", "more_restarts"):
+            if what in row:
+                lines.append(f"  - {what.replace('_', ' ')}: {row[what]['detail']}")
+    return lines
 
 
 def _robust_lines(robust):
@@ -263,9 +350,10 @@ def _eps_order(key):
 def _check_lines(checks):
     if not isinstance(checks, dict):
         return [str(checks)]
-    failed, undecided = len(checks["failed"]), checks["undecided"]
-    lines = [f"{checks['passed']} passed, {failed} failed, {undecided} undecided (not run)."]
-    lines += [f"- FAILED: {c['name']}: {c['detail']}" for c in checks["failed"]]
+    counts = ", ".join(f"{len(checks[s])} {s}" for s in (FAILED, UNDECIDED, NOT_RUN))
+    lines = [f"{checks['passed']} passed, {counts}."]
+    for status in (FAILED, UNDECIDED, NOT_RUN):
+        lines += [f"- {status.upper()}: {c['name']}: {c['detail']}" for c in checks[status]]
     return lines
 
 

@@ -9,6 +9,10 @@ concatenate requests) and built from stock TensorFlow ops only:
     classify_undefended   images                               -> classification outputs,
                                                                   of the classifier alone
 
+`purify` returns the autoencoder's reconstruction clipped to [0, 1], which is
+exactly what the defended classifier sees (`s2s_model.build_s2s_model`), so
+`classify_undefended(purify(x))` equals `serving_default(x)`.
+
 Classification outputs: `logits` [N, K], `probabilities` [N, K] (softmax),
 `classes` [N] int64 (argmax), `top_k_scores` [N, k] and `top_k_classes` [N, k]
 int64, with k = min(top_k, K).
@@ -278,7 +282,8 @@ def serving_endpoints(defended, purifier, classifier, options):
 
     Args:
       defended: [0, 1] images -> logits (`s2s_model.build_s2s_model`).
-      purifier: [0, 1] images -> purified [0, 1] images (`s2s_model.build_purifier`).
+      purifier: [0, 1] images -> reconstructions clipped to [0, 1]
+        (`s2s_model.build_purifier`), the images `defended`'s classifier sees.
       classifier: [0, 1] images -> logits, without the autoencoder.
       options: `SignatureOptions`.
 

@@ -6,7 +6,8 @@ trains the classifier (and a second one for the transfer matrix), stage 1 and
 stage 2 with `train_lib.train`, evaluates with `eval_lib.evaluate`, exports the
 defended SavedModel with `export_lib.export`, and prints where everything is
 and the headline numbers. A finished step is reused on a rerun (its
-`result.json`, report or export version is there), so an interrupted pipeline
+`result.json` or report is there, or an export version made from the same
+model and report bytes), so an interrupted pipeline
 continues where it stopped; stages interrupted mid-training resume from their
 checkpoints.
 """
@@ -208,15 +209,15 @@ def evaluate(config, workdir, paths, strategy=None):
 
 
 def export(workdir, paths):
-    """Exports the defended SavedModel unless a version exists; returns the version dir."""
-    base = os.path.join(workdir, "export")
-    existing = export_lib.versions(base) if os.path.isdir(base) else []
-    if existing:
-        logging.info("reusing export version %d in %s", max(existing), base)
-        return os.path.join(base, str(max(existing)))
-    return export_lib.export(
-        export_lib.ExportConfig(export_base=base, defended_path=paths["defended"])
+    """Exports the defended SavedModel; returns the version directory.
+
+    The latest version is reused only when it was made from the same model bytes and
+    report (`export_lib.export_unless_current`), so its model card describes this run.
+    """
+    config = export_lib.ExportConfig(
+        export_base=os.path.join(workdir, "export"), defended_path=paths["defended"]
     )
+    return export_lib.export_unless_current(config)
 
 
 def headline(document):

@@ -89,7 +89,7 @@ class ExportedModelTest(tf.test.TestCase, parameterized.TestCase):
         )
         cls.classifier = classifiers.build_classifier_with_preprocessing("testing", SIZE, 10)
         cls.defended = s2s_model.build_s2s_model(autoencoder, cls.classifier)
-        cls.purifier = s2s_model.build_purifier(autoencoder, (*SIZE, 3), clip=True)
+        cls.purifier = s2s_model.build_purifier(autoencoder, (*SIZE, 3))
         cls.paths = {
             name: os.path.join(cls.dir, f"{name}.keras")
             for name in ("defended", "autoencoder", "classifier")

@@ -123,7 +123,7 @@ class EndpointsTest(tf.test.TestCase):
         )
         classifier = classifiers.build_classifier_with_preprocessing("testing", SIZE, 10)
         defended = s2s_model.build_s2s_model(autoencoder, classifier)
-        purifier = s2s_model.build_purifier(autoencoder, (*SIZE, 3), clip=True)
+        purifier = s2s_model.build_purifier(autoencoder, (*SIZE, 3))
         endpoints = signatures.serving_endpoints(defended, purifier, classifier, _options(top_k=20))
         self.assertEqual(tuple(endpoints), signatures.SIGNATURE_NAMES)
         serve = tf.function(endpoints[signatures.DEFAULT_SIGNATURE][0])
