@@ -45,7 +45,7 @@ _COVERED_BY = {
     "s2s_tf/robustness/attacks/pgd.py": "tests/attacks_test.py",
     "s2s_tf/robustness/attacks/registry.py": "tests/attacks_test.py",
     "s2s_tf/robustness/attacks/spsa.py": "tests/cleverhans_shim_test.py",
-    "s2s_tf/analysis/claims.py": "tests/eval_lib_test.py",
+    "s2s_tf/analysis/claims_report.py": "tests/verdicts_test.py",
     "s2s_tf/robustness/distributed.py": "tests/distributed_eval_test.py",
     "s2s_tf/analysis/report.py": "tests/eval_lib_test.py",
     "s2s_tf/robustness/runner.py": "tests/attacks_test.py",

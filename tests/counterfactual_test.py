@@ -113,6 +113,87 @@ class VerdictTest(tf.test.TestCase, parameterized.TestCase):
             cf.claim_verdict({"a": (0.0, 1.0)}, 0)
 
 
+def _family(eps, num_classes=10, dim=64, seed=0):
+    """Class gradients g_c = s + eps * r_c: a shared part and a class-dependent part."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=dim)
+    return shared[None] + eps * rng.normal(size=(num_classes, dim))
+
+
+class LinearModel:
+    """Logits W x + b, so the input gradient of logit c is exactly row c of W."""
+
+    def __init__(self, weights, seed=0):
+        self.weights = tf.constant(np.asarray(weights, np.float32).reshape(len(weights), -1))
+        bias = np.random.default_rng(seed).normal(size=len(weights))
+        self.bias = tf.constant(bias, tf.float32)
+
+    def __call__(self, x):
+        flat = tf.reshape(x, (tf.shape(x)[0], -1))
+        return flat @ tf.transpose(self.weights) + self.bias
+
+
+def _linear_family_models(s2s_eps, classifier_eps=1.0, reconstruction_eps=0.7):
+    """Linear models of the g_c = s + eps * r_c family, sharing s and r (only eps differs)."""
+    dim = int(np.prod(SHAPE))
+    return {
+        name: LinearModel(_family(eps, NUM_CLASSES, dim).reshape(NUM_CLASSES, *SHAPE))
+        for name, eps in (
+            ("classifier", classifier_eps),
+            ("reconstruction", reconstruction_eps),
+            ("s2s", s2s_eps),
+        )
+    }
+
+
+class ClassDependentShareTest(tf.test.TestCase):
+    def test_monotone_in_the_class_dependent_part_where_the_centred_cosine_is_not(self):
+        grid = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+        top = [0, 1, 2]
+        share, centred_cosine = [], []
+        for eps in grid:
+            grads = _family(eps)
+            share.append(float(cf.class_dependent_share(grads[None, top])[0]))
+            # Centred over all C classes, as the gradients of z_c - mean_j z_j are.
+            centred = grads - grads.mean(axis=0, keepdims=True)
+            centred_cosine.append(ga.class_specificity(centred[None, top])["mean"])
+        self.assertTrue(np.all(np.diff(share) > 0), share)
+        self.assertLess(share[0], 0.01)
+        self.assertGreater(share[-1], 0.5)
+        # The centred cosine does not move with eps at all: it cannot see class signal.
+        self.assertLess(np.ptp(centred_cosine), 1e-9, centred_cosine)
+
+    def test_known_values(self):
+        e1, e2 = np.eye(2)
+        grads = np.stack([[e1, e1], [e1, e2], [e1, -e1]])  # [3 images, 2 classes, 2]
+        self.assertAllClose(cf.class_dependent_share(grads), [0.0, 0.5, 1.0])
+
+    def test_rejects_one_class_and_vanishing_gradients(self):
+        with self.assertRaisesRegex(ValueError, "K>=2"):
+            cf.class_dependent_share(np.ones((2, 1, 4)))
+        grads = np.ones((3, 2, 4))
+        grads[1] = 0.0
+        with self.assertRaisesRegex(ValueError, r"images \[1\]"):
+            cf.class_dependent_share(grads)
+
+
+class LinearFamilyVerdictTest(tf.test.TestCase, parameterized.TestCase):
+    """End to end on models whose class-dependent gradient part is known: the claim can fail."""
+
+    @parameterized.named_parameters(
+        ("less_class_specific", 0.05, cf.SUPPORTED, ["s2s", "reconstruction", "classifier"]),
+        ("more_class_specific", 3.0, cf.CONTRADICTED, ["reconstruction", "classifier", "s2s"]),
+    )
+    def test_verdict_follows_the_class_dependent_part(self, s2s_eps, status, ascending):
+        result = cf.counterfactual_analysis(
+            _linear_family_models(s2s_eps), _images(16), top_k=3, num_resamples=200
+        )
+        claim = result["claims"]["class_dependent_share"]
+        self.assertEqual(claim["status"], status, claim["verdict"])
+        shares = {m: np.mean(v) for m, v in result["per_image"]["class_dependent_share"].items()}
+        self.assertEqual(sorted(shares, key=shares.get), ascending)
+
+
 class CounterfactualAnalysisTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -123,18 +204,20 @@ class CounterfactualAnalysisTest(tf.test.TestCase):
             cls.models, cls.images, top_k=3, batch_size=5, num_resamples=200
         )
 
-    def test_centred_gradients_match_a_manual_tape(self):
+    def test_raw_and_centred_gradients_match_a_manual_tape(self):
         model = self.models["s2s"]
         classes = np.array([[2, 0], [5, 1]])
-        grads = cf.centred_class_gradients(model, self.images[:2], classes, batch_size=1)
-        self.assertEqual(grads.shape, (2, 2, *SHAPE))
+        raw, centred = cf.class_gradients(model, self.images[:2], classes, batch_size=1)
+        self.assertEqual(raw.shape, (2, 2, *SHAPE))
         x = tf.constant(self.images[1:2])
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
             logits = model(x)
-            centred = logits[0, 5] - tf.reduce_mean(logits[0])
-        self.assertAllClose(grads[1, 0], tape.gradient(centred, x)[0], atol=1e-6)
-        self.assertGreater(np.abs(grads).max(), 0.0)
+            logit = logits[0, 5]
+            centred_logit = logit - tf.reduce_mean(logits[0])
+        self.assertAllClose(raw[1, 0], tape.gradient(logit, x)[0], atol=1e-6)
+        self.assertAllClose(centred[1, 0], tape.gradient(centred_logit, x)[0], atol=1e-6)
+        self.assertNotAllClose(raw[1, 0], centred[1, 0])
 
     def test_every_model_uses_the_reference_classes(self):
         result = self.result
@@ -144,38 +227,38 @@ class CounterfactualAnalysisTest(tf.test.TestCase):
         # Meaningful only if the S2SNet's own top-k differ from the shared classes somewhere.
         self.assertTrue(np.any(own != reference), "pick images where the models' top-k differ")
         for name in ("s2s", "reconstruction"):
-            grads = cf.centred_class_gradients(self.models[name], self.images, reference)
-            expected = ga.class_specificity(grads)["per_image"]
-            self.assertAllClose(result["per_image"]["class_specificity"][name], expected)
-            own_grads = cf.centred_class_gradients(self.models[name], self.images, own)
-            own_value = ga.class_specificity(own_grads)["per_image"]
-            self.assertNotAllClose(result["per_image"]["class_specificity"][name], own_value)
+            raw, _ = cf.class_gradients(self.models[name], self.images, reference)
+            expected = cf.class_dependent_share(raw)
+            stored = result["per_image"]["class_dependent_share"][name]
+            self.assertAllClose(stored, expected)
+            own_raw, _ = cf.class_gradients(self.models[name], self.images, own)
+            self.assertNotAllClose(stored, cf.class_dependent_share(own_raw))
 
     def test_structure_alignment_averages_the_shared_classes(self):
-        grads = cf.centred_class_gradients(self.models["s2s"], self.images, self.result["classes"])
+        _, centred = cf.class_gradients(self.models["s2s"], self.images, self.result["classes"])
         expected = np.mean(
-            [ga.structure_alignment(grads[:, k], self.images)["per_image"] for k in range(3)],
+            [ga.structure_alignment(centred[:, k], self.images)["per_image"] for k in range(3)],
             axis=0,
         )
         self.assertAllClose(self.result["per_image"]["structure_alignment"]["s2s"], expected)
 
-    def test_report_is_json_with_consistent_intervals(self):
+    def test_every_verdict_is_reproduced_from_the_json(self):
         result = json.loads(json.dumps(self.result))
-        self.assertEqual(result["num_images"], 12)
-        for key in cf.CLAIMS:
+        settings = result["bootstrap"]
+        for key, (_, direction) in cf.CLAIMS.items():
             claim = result["claims"][key]
-            self.assertIn(claim["status"], (cf.SUPPORTED, cf.CONTRADICTED, cf.NOT_SUPPORTED))
+            per_image = result["per_image"][key]
+            self.assertEqual(claim["direction"], "higher" if direction > 0 else "lower")
+            intervals = {}
+            for name in ("classifier", "reconstruction"):
+                diff = np.asarray(per_image["s2s"]) - np.asarray(per_image[name])
+                again = stats.bootstrap(stats.mean_statistic, diff, **settings)
+                self.assertEqual(claim["differences"][f"s2s - {name}"], again)
+                intervals[name] = again["interval"]
+            self.assertEqual(claim["status"], cf.claim_verdict(intervals, direction))
             for name, summary in claim["models"].items():
-                values = result["per_image"][key][name]
-                self.assertAllClose(summary["estimate"], np.mean(values))
-                low, high = summary["interval"]
-                self.assertLessEqual(low, summary["estimate"])
-                self.assertLessEqual(summary["estimate"], high)
-            diff = claim["differences"]["s2s - reconstruction"]
-            expected = np.mean(result["per_image"][key]["s2s"]) - np.mean(
-                result["per_image"][key]["reconstruction"]
-            )
-            self.assertAllClose(diff["estimate"], expected)
+                again = stats.bootstrap(stats.mean_statistic, per_image[name], **settings)
+                self.assertEqual(summary, again)
 
     def test_difference_interval_narrows_with_more_images(self):
         widths = []
@@ -183,13 +266,13 @@ class CounterfactualAnalysisTest(tf.test.TestCase):
             result = cf.counterfactual_analysis(
                 self.models, _images(num, seed=num), top_k=2, batch_size=32, num_resamples=300
             )
-            diff = result["claims"]["class_specificity"]["differences"]["s2s - classifier"]
+            diff = result["claims"]["class_dependent_share"]["differences"]["s2s - classifier"]
             widths.append(_width(diff))
         self.assertLess(widths[1], widths[0])
 
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "top_k"):
-            cf.counterfactual_analysis(self.models, self.images[:2], top_k=NUM_CLASSES)
+            cf.counterfactual_analysis(self.models, self.images[:2], top_k=NUM_CLASSES + 1)
         with self.assertRaisesRegex(ValueError, "subject"):
             cf.counterfactual_analysis(self.models, self.images[:2], subject="missing")
         with self.assertRaisesRegex(ValueError, "number of classes"):

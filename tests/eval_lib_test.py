@@ -1,5 +1,6 @@
 """End-to-end test of the evaluation run and its report, and of the evaluate binary's flags."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,10 +12,13 @@ from absl.testing import parameterized
 
 from s2s_tf import data as data_lib
 from s2s_tf import testing_utils
+from s2s_tf.analysis import verdicts
+from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import eval_lib
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import runner
+from s2s_tf.train import checkpointing
 
 SIZE = (16, 16)
 
@@ -23,10 +27,20 @@ class EvaluateTest(tf.test.TestCase):
     def test_report_files_and_consistent_numbers(self):
         workdir = tempfile.mkdtemp()
         paths = testing_utils.save_tiny_models(workdir, SIZE)
+        # lenet5 with an S2SNet of its own (its own autoencoder), for claim 5's defended group.
+        lenet5 = s2s_model.load_keras(paths["lenet5"], "lenet5")
+        own_ae = ae_lib.build_autoencoder(
+            ae_lib.AutoencoderConfig(stage_widths=((4,), (8,))), input_shape=(*SIZE, 3)
+        )
+        lenet5_s2s = checkpointing.save_keras_atomic(
+            s2s_model.build_s2s_model(own_ae, lenet5), os.path.join(workdir, "lenet5_s2s.keras")
+        )
         config = eval_lib.EvalRunConfig(
             data=data_lib.DataConfig(source="testing", split="test", image_size=SIZE),
             defended_path=paths["defended"],
-            transfer_classifiers=(("lenet5", paths["lenet5"]),),
+            transfer_defended=(("lenet5", lenet5_s2s),),
+            baselines=("bit_depth",),
+            relations_examples=6,
             attack=evaluation.EvalConfig(
                 attacks=("fgsm", "pgd"),
                 eps=(8 / 255,),
@@ -34,6 +48,7 @@ class EvaluateTest(tf.test.TestCase):
                 batch_size=6,
                 steps=2,
                 gradient_free_examples=3,
+                surrogate_temperatures=(1.0,),
             ),
             gradient_examples=6,
             gradient_top_k=3,
@@ -47,6 +62,10 @@ class EvaluateTest(tf.test.TestCase):
         with open(os.path.join(outdir, "robustness.json")) as f:
             saved = json.load(f)
         self.assertEqual(saved["results"]["clean"], document["results"]["clean"])
+        # The evaluated bytes, which the export's model card compares with the exported ones.
+        for path in (paths["defended"], lenet5_s2s):
+            with open(path, "rb") as f:
+                self.assertEqual(saved["model_files"][path], hashlib.sha256(f.read()).hexdigest())
         # The report's clean accuracy is the defended model's accuracy on the same examples.
         images, labels = data_lib.load_numpy(
             data_lib.DataConfig(source="testing", split="test", image_size=SIZE, num_examples=12)
@@ -70,12 +89,40 @@ class EvaluateTest(tf.test.TestCase):
         # The headline is the per-example worst case, never above any single run.
         headline = saved["results"]["headline"]["8/255"]
         for by_eps in saved["results"]["threats"]["white_box"].values():
-            self.assertLessEqual(headline["robust_accuracy"], by_eps["8/255"]["defended"])
+            row = by_eps["8/255"]  # cascade runs report robust_after, full runs defended
+            self.assertLessEqual(
+                headline["robust_accuracy"], row.get("defended", row.get("robust_after"))
+            )
         self.assertIn("## Robust accuracy (per-example worst case", markdown)
-        # Claims 2 and 3 are in the report, with their plots.
+        # The claims: every status and the README text are recomputed from the JSON alone.
         self.assertEqual(saved["counterfactual"]["num_images"], 6)
-        self.assertIn(saved["counterfactual"]["claims"]["class_specificity"]["status"], markdown)
-        self.assertIn("white_box/apgd_ce/8/255", saved["effective_perturbations"])
+        recomputed = verdicts.claims(saved)
+        for number, entry in recomputed.items():
+            self.assertIn(f"| {number} | {entry['status'] or 'not run'} |", markdown)
+        self.assertIn("> " + verdicts.readme_text(saved), markdown)
+        self.assertEqual(
+            recomputed["2"]["status"],
+            verdicts.claims(document)["2"]["status"],
+        )
+        self.assertIn(
+            f"white_box/{config.attack.check_attack}/8/255", saved["effective_perturbations"]
+        )
+        # Claim 4: the baseline ran on the same examples, without surrogate or end-to-end runs.
+        baseline = saved["baselines"]["bit_depth"]
+        self.assertEqual(baseline["results"]["num_examples"], 12)
+        self.assertNotIn("white_box", baseline["threat_models"])
+        self.assertNotIn("surrogate", baseline["threat_models"])
+        self.assertIn("bpda", baseline["threat_models"])
+        self.assertIn("| bit_depth (bit-depth reduction to 4 bits) |", markdown)
+        # Claim 5: undefended and defended groups; the defended rows made through surrogates.
+        relations = saved["relations"]
+        self.assertEqual(set(relations["rows"]["8/255"]), {"classifier", "lenet5"})
+        self.assertEqual(set(relations["surrogate_rows"]["8/255"]), {"defended", "lenet5+s2s"})
+        self.assertEqual(
+            relations["groups"]["defended"]["self_accuracy"]["lenet5+s2s"]["8/255"],
+            relations["surrogate_rows"]["8/255"]["lenet5+s2s"]["lenet5+s2s"],
+        )
+        self.assertIn(relations["statement"], markdown)
         for name in ("effective_examples.png", "effective_norms.png"):
             self.assertTrue(os.path.exists(os.path.join(outdir, name)), name)
 

@@ -9,12 +9,18 @@ Every model sees the same images, and the class gradients of every model are
 taken for the same classes (the reference model's top-k per image), so a
 difference between models cannot come from comparing different classes.
 
-Class specificity is the mean pairwise cosine similarity of the gradients of
-the centred logits z_c - mean_k z_k (higher = less class-specific). Centring
-removes the gradient of the mean logit, a direction every class shares that
-does not change any prediction; without it a model could look "class-agnostic"
-only because of that shared part. Structure alignment is the correlation of
-|gradient| with the Sobel edge magnitude, averaged over the same classes.
+Class specificity is the share of the class logits' gradient energy that is
+class-dependent: per image, sum_k ||g_k - g_bar||^2 / sum_k ||g_k||^2 over the
+K shared classes, g_k the input gradient of logit k and g_bar their mean
+(0: every class logit pulls the input the same way; (K-1)/K for orthogonal
+gradients of equal norm; 1 when they cancel on average). For gradients
+g_k = s + eps * r_k it grows with eps, so it can find a model more or less
+class-specific than another. The mean cosine between gradients of centred
+logits z_k - mean_j z_j cannot: centring removes the shared part s, which
+leaves the same value (about -1/(C-1)) whatever eps is.
+Structure alignment is the correlation of |gradient| with the Sobel edge
+magnitude, averaged over the same classes, of the centred-logit gradients (the
+part of each class gradient that can change a prediction).
 
 Each statistic gets a seeded percentile-bootstrap interval over images, and the
 subject's paired difference to each counterfactual gets one too. The verdict
@@ -36,10 +42,10 @@ NOT_SUPPORTED = "not supported by these data (interval includes 0)"
 
 # Claims tested: key -> (statistic's description, the claimed sign of subject - counterfactual).
 CLAIMS = {
-    "class_specificity": (
+    "class_dependent_share": (
         "the S2SNet's input gradients carry less class-dependent signal "
-        "(higher mean cosine similarity between centred class-logit gradients)",
-        +1,
+        "(a lower share of the class-logit gradients' energy in their class-dependent part)",
+        -1,
     ),
     "structure_alignment": (
         "the S2SNet's input gradients follow low-level structure "
@@ -123,51 +129,95 @@ def evaluate_claim(per_image, subject, statement, direction, **bootstrap_args):
     }
 
 
-def centred_logits(model_fn):
-    """A model_fn returning the centred logits z_c - mean_k z_k of `model_fn`."""
+def _with_mean_logit(model_fn):
+    """A model_fn returning the logits of `model_fn` with their mean appended as a last column."""
 
-    def centred(x):
+    def augmented(x):
         logits = tf.cast(model_fn(x), tf.float32)
-        return logits - tf.reduce_mean(logits, axis=-1, keepdims=True)
+        return tf.concat([logits, tf.reduce_mean(logits, axis=-1, keepdims=True)], axis=-1)
 
-    return centred
+    return augmented
 
 
-def centred_class_gradients(model_fn, images, classes, batch_size=32):
-    """Gradients of the centred logits z_c - mean_k z_k of the given classes.
+def class_gradients(model_fn, images, classes, batch_size=32, augmented=None):
+    """Input gradients of the given class logits, raw and centred.
+
+    The centred logit z_c - mean_j z_j costs one backward pass more than the raw
+    ones: its gradient is g_c minus the gradient of the mean logit.
 
     Args:
       model_fn: callable mapping float32 [B, H, W, C] images in [0, 1] to logits.
       images: [N, H, W, C] images.
-      classes: [K] or [N, K] class indices.
+      classes: [N, K] class indices.
       batch_size: images per compiled gradient computation.
+      augmented: `_with_mean_logit(model_fn)` when the caller keeps one (so
+        the compiled gradient function is traced once); None builds it.
 
     Returns:
-      [N, K, H, W, C] float32 numpy array; entry [i, k] is
-      d (z[classes[i, k]] - mean_j z[j]) / d images[i].
+      (raw, centred), each [N, K, H, W, C] float32: entry [i, k] of raw is
+      d z[classes[i, k]] / d images[i], of centred d (z[classes[i, k]] -
+      mean_j z[j]) / d images[i].
     """
-    return ga.class_logit_gradients(
-        centred_logits(model_fn), images, classes=classes, batch_size=batch_size
+    classes = np.asarray(classes, np.int32)
+    num_classes = ga.predict_logits(model_fn, images[:1]).shape[-1]
+    mean_column = np.full((len(classes), 1), num_classes, np.int32)
+    grads = ga.class_logit_gradients(
+        augmented or _with_mean_logit(model_fn),
+        images,
+        classes=np.concatenate([classes, mean_column], axis=1),
+        batch_size=batch_size,
     )
+    raw = grads[:, :-1]
+    return raw, raw - grads[:, -1:]
+
+
+def class_dependent_share(grads_per_class):
+    """Per image, the share of gradient energy in the class-dependent part.
+
+    sum_k ||g_k - g_bar||^2 / sum_k ||g_k||^2, with g_bar the mean of the K
+    gradients of one image: 0 when every class gradient is the same, (K-1)/K
+    for orthogonal gradients of equal norm, 1 when they cancel on average.
+
+    Args:
+      grads_per_class: [N, K, ...] gradients of K >= 2 class logits per image.
+
+    Returns:
+      [N] float64 numpy array.
+
+    Raises:
+      ValueError: for fewer than two classes, or an image whose class
+        gradients are all zero (the share is undefined there; a gradient that
+        vanishes is no evidence of class-agnostic gradients).
+    """
+    grads = np.asarray(grads_per_class, np.float64)
+    if grads.ndim < 3 or grads.shape[1] < 2:
+        raise ValueError(f"need [N, K>=2, ...] gradients, got shape {grads.shape}")
+    flat = grads.reshape(grads.shape[0], grads.shape[1], -1)
+    total = np.sum(flat**2, axis=(1, 2))
+    zero = np.flatnonzero(total == 0)
+    if zero.size:
+        raise ValueError(f"the class gradients of images {zero.tolist()} are all zero")
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    return np.sum(centred**2, axis=(1, 2)) / total
 
 
 def _per_image_statistics(model_fn, images, classes, batch_size):
-    """Per-image class specificity and structure alignment on the given classes."""
+    """Per-image class-dependent share and structure alignment on the given classes."""
     # One wrapper for all chunks, so the compiled gradient function is traced once.
-    centred = centred_logits(model_fn)
-    specificity, alignment = [], []
+    augmented = _with_mean_logit(model_fn)
+    share, alignment = [], []
     for start in range(0, len(images), batch_size):
         chunk = slice(start, start + batch_size)
-        grads = ga.class_logit_gradients(
-            centred, images[chunk], classes=classes[chunk], batch_size=batch_size
+        raw, centred = class_gradients(
+            model_fn, images[chunk], classes[chunk], batch_size, augmented
         )
-        specificity.extend(ga.class_specificity(grads)["per_image"])
+        share.extend(class_dependent_share(raw).tolist())
         per_class = [
-            ga.structure_alignment(grads[:, k], images[chunk])["per_image"]
-            for k in range(grads.shape[1])
+            ga.structure_alignment(centred[:, k], images[chunk])["per_image"]
+            for k in range(centred.shape[1])
         ]
         alignment.extend(np.mean(per_class, axis=0).tolist())
-    return {"class_specificity": specificity, "structure_alignment": alignment}
+    return {"class_dependent_share": share, "structure_alignment": alignment}
 
 
 def _check_models(models, images, subject, reference, top_k):
@@ -181,9 +231,8 @@ def _check_models(models, images, subject, reference, top_k):
     if len(set(widths.values())) != 1:
         raise ValueError(f"the models disagree on the number of classes: {widths}")
     num_classes = widths[reference]
-    # All C centred gradients sum to zero, which would pin their mean cosine near -1/(C-1).
-    if not 2 <= top_k < num_classes:
-        raise ValueError(f"top_k must be in [2, {num_classes - 1}], got {top_k}")
+    if not 2 <= top_k <= num_classes:
+        raise ValueError(f"top_k must be in [2, {num_classes}], got {top_k}")
 
 
 def counterfactual_analysis(
@@ -207,7 +256,7 @@ def counterfactual_analysis(
       subject: the model the claim is about; every other model is a counterfactual.
       reference: the model whose top-k classes per image are the class set of
         every model (the classifier alone).
-      top_k: classes compared per image, 2 <= top_k < number of classes.
+      top_k: classes compared per image, 2 <= top_k <= number of classes.
       batch_size: images per compiled gradient computation.
       num_resamples, seed, confidence: of the bootstrap intervals.
 
@@ -216,7 +265,7 @@ def counterfactual_analysis(
       "reference", "top_k", "classes" ([N][K] ints, shared by all models),
       "bootstrap" ({"num_resamples", "seed", "confidence"}), "per_image"
       ({statistic: {model: [N] floats}}) and "claims" ({statistic: the dict of
-      `evaluate_claim`}) for "class_specificity" and "structure_alignment".
+      `evaluate_claim`}) for "class_dependent_share" and "structure_alignment".
 
     Raises:
       ValueError: for images not [N, H, W, C], unknown subject / reference

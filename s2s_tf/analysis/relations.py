@@ -1,63 +1,214 @@
 """Adversarial-space relations between models (the paper's claim 5), from transfer matrices.
 
 The seed paper reports, over AlexNet, VGG16, ResNet50 and InceptionV3, that
-VGG16 is the easiest to fool and that ResNet50's perturbations transfer best.
-Given, at each eps, the matrix "accuracy of target t on examples made on
-source s" and each model's clean accuracy, this module answers both questions
-for any set of models:
+VGG16 is the easiest to fool and that ResNet50's perturbations transfer best,
+and that the same relations hold between the four models defended by their own
+S2SNets. Given, at each eps, the accuracy of every target model on examples
+made on every source model, and each model's clean accuracy, this module ranks
+the undefended and the defended models separately:
 
-- easiest to fool: the model whose own white-box attack (the diagonal) brings
-  it lowest at the smallest eps, ties broken at the next eps;
-- transfers best: the source whose examples lower the other models' accuracy
-  most, as the mean drop from clean accuracy over the other targets.
+- easiest to fool: by the DROP from clean accuracy under the model's own attack
+  (the diagonal) at the smallest eps, ties broken at the next eps. The drop,
+  not the accuracy left, so a model is not "easy to fool" for being less
+  accurate to begin with;
+- transfers best: by the mean drop its examples cause in the other models of
+  its group, at the largest eps (ties broken at the next smaller one).
+
+A defended model ("defended", or "<name>+s2s" with an S2SNet of its own) is
+attacked through its soft-routing surrogate, the strongest threat model: the
+end-to-end gradient through the SegNet's unpooling switches is masked, so
+examples made with it would understate both its own vulnerability and what its
+examples do to others. Those rows come from `defended_rows`; the transfer
+matrix of the engine gives the undefended rows. `statement` writes the claim's
+sentence from the numbers.
 """
 
+DEFENDED = "defended"
+SUFFIX = "+s2s"
+GROUPS = ("undefended", "defended")
 
-def _eps_value(key):
+
+def is_defended(name):
+    """Whether a model name of the transfer matrix is a defended model."""
+    return name == DEFENDED or name.endswith(SUFFIX)
+
+
+def partner(name):
+    """The undefended classifier of a defended model's name ("vgg+s2s" -> "vgg")."""
+    return "classifier" if name == DEFENDED else name[: -len(SUFFIX)]
+
+
+def eps_value(key):
+    """ "8/255" -> 8 / 255."""
     numerator, _, denominator = key.partition("/")
     return float(numerator) / (float(denominator) if denominator else 1.0)
 
 
-def summarize(matrices, clean):
-    """The claim-5 summary of transfer matrices at several eps.
+def _rows(matrices, defended_rows, eps_keys, models):
+    """{eps: {source: {target: accuracy}}}: defended sources from `defended_rows`."""
+    missing = sorted(
+        m
+        for m in models
+        if is_defended(m) and any(m not in defended_rows.get(e, {}) for e in eps_keys)
+    )
+    if missing:
+        raise ValueError(
+            f"no surrogate-attack rows for the defended models {missing}: their end-to-end "
+            "gradient is masked, so the transfer matrix's rows would understate them"
+        )
+    return {
+        e: {s: (defended_rows[e][s] if is_defended(s) else matrices[e][s]) for s in models}
+        for e in eps_keys
+    }
 
-    Args:
-      matrices: {eps key (e.g. "8/255"): {source: {target: accuracy}}}.
-      clean: {model: clean accuracy}; models missing here are left out.
+
+def _ranking(models, keys):
+    """Models sorted by descending `keys[m]` (lists compared element-wise), then by name.
 
     Returns:
-      A JSON-serialisable dict: "self_accuracy" {model: {eps: accuracy}},
-      "easiest_to_fool" (model), "transfer_drop" {eps: {source: mean drop}},
-      "transfers_best" (source, at the largest eps), and "statement" (one
-      sentence). Empty when there are fewer than two models.
+      (ranking, tied): tied[i] says whether ranking[i] and ranking[i + 1] have
+      equal keys (their order is then only alphabetical).
     """
-    eps_keys = sorted(matrices, key=_eps_value)
+    # Rounded, so accuracies that differ only by float error tie.
+    keys = {m: [round(-v, 9) for v in values] for m, values in keys.items()}
+    ranking = sorted(models, key=lambda m: (keys[m], m))
+    return ranking, [keys[a] == keys[b] for a, b in zip(ranking, ranking[1:], strict=False)]
+
+
+def _group(models, rows, clean, eps_keys):
+    """The rankings of one group of models (at least two)."""
+    self_drop = {m: {e: clean[m] - rows[e][m][m] for e in eps_keys} for m in models}
+    transfer_drop = {
+        e: {
+            s: sum(clean[t] - rows[e][s][t] for t in models if t != s) / (len(models) - 1)
+            for s in models
+        }
+        for e in eps_keys
+    }
+    easiest, easiest_tied = _ranking(
+        models, {m: [self_drop[m][e] for e in eps_keys] for m in models}
+    )
+    descending = eps_keys[::-1]
+    best, best_tied = _ranking(
+        models, {s: [transfer_drop[e][s] for e in descending] for s in models}
+    )
+    return {
+        "models": list(models),
+        "clean": {m: clean[m] for m in models},
+        "self_accuracy": {m: {e: rows[e][m][m] for e in eps_keys} for m in models},
+        "self_drop": self_drop,
+        "easiest_to_fool": easiest,
+        "transfer_drop": transfer_drop,
+        "transfers_best": best,
+        "tied": {"easiest_to_fool": easiest_tied, "transfers_best": best_tied},
+    }
+
+
+def summarize(matrices, clean, defended_rows=None):
+    """The claim-5 summary: rankings of the undefended and the defended models, separately.
+
+    Args:
+      matrices: transfer matrices, {eps key (e.g. "8/255"): {source: {target:
+        accuracy}}}; their undefended sources' rows are used.
+      clean: {model: clean accuracy}; the models, in this order (those with no
+        row are left out).
+      defended_rows: {eps key: {defended source: {target: accuracy}}} of the
+        examples made on each defended model through its surrogate (required
+        for every defended model of the matrices).
+
+    Returns:
+      A JSON-serialisable dict: "eps" (the keys, ascending), "rank_eps" (where
+      each ranking is read), "groups" ({"undefended" / "defended": the group's
+      "models", "clean", "self_accuracy", "self_drop", "easiest_to_fool"
+      (ranking), "transfer_drop", "transfers_best" (ranking), "tied" ({ranking:
+      whether each adjacent pair ties})}, or {"models"}
+      alone for a group of fewer than two), "same_order" ({ranking: whether the
+      defended ranking, mapped to the classifiers, equals the undefended one;
+      None when either group is too small}) and "statement". Empty without
+      matrices.
+
+    Raises:
+      ValueError: when a defended model has no surrogate rows.
+    """
+    eps_keys = sorted(matrices, key=eps_value)
     if not eps_keys:
         return {}
-    models = [m for m in matrices[eps_keys[0]] if m in clean]
-    if len(models) < 2:
-        return {}
-    self_accuracy = {m: {e: matrices[e][m][m] for e in eps_keys} for m in models}
-    easiest = min(models, key=lambda m: [self_accuracy[m][e] for e in eps_keys])
-    drops = {}
-    for e in eps_keys:
-        drops[e] = {
-            source: sum(clean[t] - matrices[e][source][t] for t in models if t != source)
-            / (len(models) - 1)
-            for source in models
-        }
-    largest = eps_keys[-1]
-    best = max(models, key=lambda s: drops[largest][s])
-    return {
-        "models": models,
-        "self_accuracy": self_accuracy,
-        "easiest_to_fool": easiest,
-        "transfer_drop": drops,
-        "transfers_best": best,
-        "statement": (
-            f"Easiest to fool: {easiest} (white-box accuracy "
-            f"{100 * self_accuracy[easiest][eps_keys[0]]:.1f}% at eps {eps_keys[0]}); "
-            f"best transfer: {best} (mean accuracy drop of the other models "
-            f"{100 * drops[largest][best]:.1f} points at eps {largest})."
-        ),
+    defended_rows = defended_rows or {}
+    sources = {**matrices[eps_keys[0]], **defended_rows.get(eps_keys[0], {})}
+    models = [m for m in clean if m in sources]
+    rows = _rows(matrices, defended_rows, eps_keys, models)
+    groups = {}
+    for group in GROUPS:
+        members = [m for m in models if is_defended(m) == (group == "defended")]
+        groups[group] = (
+            _group(members, rows, clean, eps_keys) if len(members) >= 2 else {"models": members}
+        )
+    same_order = {}
+    for ranking in ("easiest_to_fool", "transfers_best"):
+        plain, defended = groups["undefended"].get(ranking), groups["defended"].get(ranking)
+        same_order[ranking] = (
+            None
+            if plain is None or defended is None
+            else [partner(m) for m in defended] == [m for m in plain if m in map(partner, defended)]
+        )
+    summary = {
+        "eps": eps_keys,
+        "rank_eps": {"easiest_to_fool": eps_keys[0], "transfers_best": eps_keys[-1]},
+        "groups": groups,
+        "same_order": same_order,
     }
+    summary["statement"] = statement(summary)
+    return summary
+
+
+def _points(value):
+    return f"{100 * value:.1f}"
+
+
+def _ranked(group, ranking, values):
+    """ "a (45.0) > b (30.0)", with "=" between models whose keys tie."""
+    names, tied = group[ranking], group["tied"][ranking]
+    out = f"{names[0]} ({_points(values[names[0]])})"
+    for name, tie in zip(names[1:], tied, strict=True):
+        out += f" {'=' if tie else '>'} {name} ({_points(values[name])})"
+    return out
+
+
+def _group_sentence(group, label, attack, rank_eps):
+    if "easiest_to_fool" not in group:
+        return f"{label}: fewer than two models ({', '.join(group['models']) or 'none'})."
+    small, large = rank_eps["easiest_to_fool"], rank_eps["transfers_best"]
+    drops = {m: by_eps[small] for m, by_eps in group["self_drop"].items()}
+    easiest = _ranked(group, "easiest_to_fool", drops)
+    best = _ranked(group, "transfers_best", group["transfer_drop"][large])
+    return (
+        f"{label}, easiest to fool by the drop from clean accuracy under {attack} at eps "
+        f"{small} (points): {easiest}; best transfer by the mean drop of the group's other "
+        f"models at eps {large} (points): {best}."
+    )
+
+
+def statement(summary):
+    """The claim-5 sentences, written from a `summarize` result."""
+    if not summary:
+        return "Claim 5 needs a transfer matrix."
+    groups, rank_eps = summary["groups"], summary["rank_eps"]
+    parts = [
+        _group_sentence(groups["undefended"], "Undefended", "their own white-box attack", rank_eps),
+        _group_sentence(
+            groups["defended"],
+            "Defended (each with its own S2SNet)",
+            "their own attack through the soft-routing surrogate",
+            rank_eps,
+        ),
+    ]
+    same = summary["same_order"]
+    if None in same.values():
+        parts.append("The two groups cannot be compared (a group has fewer than two models).")
+    else:
+        words = {True: "the same as", False: "not the same as"}
+        parts.append(
+            f"The defended ranking is {words[same['easiest_to_fool']]} the undefended one for "
+            f"easiest to fool, and {words[same['transfers_best']]} it for best transfer."
+        )
+    return " ".join(parts)

@@ -4,9 +4,9 @@
 
 loads the defended model (stage 2's `defended.keras`, or an autoencoder and a
 classifier), runs `evaluation.Evaluator` over the configured threat models on
-the split, streamed in resumable shards (`streaming`), the gradient analysis of the classifier alone vs the defended model, the
-sanity checks, and writes `robustness.json`, `report.md`, the plots and
-TensorBoard summaries into `outdir`.
+the split, streamed in resumable shards (`streaming`), the gradient analysis
+of the classifier alone vs the defended model, the sanity checks, and writes
+`robustness.json`, `report.md`, the plots and TensorBoard summaries into `outdir`.
 """
 
 import contextlib
@@ -20,9 +20,9 @@ from absl import logging
 
 from s2s_tf import config_io
 from s2s_tf import data as data_lib
+from s2s_tf.analysis import baselines as baselines_lib
 from s2s_tf.analysis import claims
 from s2s_tf.analysis import gradient_analysis
-from s2s_tf.analysis import relations
 from s2s_tf.analysis import report
 from s2s_tf.config_io import setting
 from s2s_tf.models import s2s_model
@@ -43,11 +43,13 @@ class EvalRunConfig:
       autoencoder_path: an autoencoder `.keras` (normalised space).
       classifier_path: a [0, 1]-input classifier `.keras`.
       transfer_classifiers: (name, path) pairs of further [0, 1]-input
-        classifiers for the transfer matrix; each also enters the matrix
-        defended by the same autoencoder ("<name>+s2s").
+        classifiers for the transfer matrix, undefended only (a "<name>+s2s"
+        needs an S2SNet of its own: give it in `transfer_defended`).
       transfer_defended: (name, path) pairs of further defended models (each
         with its own S2SNet, e.g. stage 2 run against that classifier); each
         enters the matrix as "<name>+s2s" and its classifier as "<name>".
+      baselines: input-transformation defenses (`baselines.BASELINES`) put in
+        front of the same classifier and evaluated with the same attacks (claim 4).
       attack: the attack settings (`evaluation.EvalConfig`).
       stream: how the split is cut into shards (`streaming.StreamConfig`).
       gradient_examples: images used by the gradient analysis and the
@@ -56,6 +58,7 @@ class EvalRunConfig:
       reconstruction_autoencoder_path: the stage-1 autoencoder (.keras), the
         counterfactual "reconstruction only" model of claim 2; None leaves it out.
       effective_examples: examples of the effective-perturbation analysis (claim 3).
+      relations_examples: the first examples of claim 5's transfer matrix.
       attack_preset: the `evaluation.PRESETS` entry `attack` was built from (for the report).
     """
 
@@ -65,7 +68,8 @@ class EvalRunConfig:
     classifier_path: str | None = None
     transfer_classifiers: tuple = setting(
         (),
-        "Further classifiers for the transfer matrix: name=path,...",
+        "Further undefended classifiers for the transfer matrix: name=path,... (defended "
+        "ones, each with its own S2SNet, go in --transfer_defended).",
         parse=config_io.parse_named_paths,
         unparse=config_io.unparse_named_paths,
     )
@@ -74,6 +78,12 @@ class EvalRunConfig:
         "Further defended models, each with its own S2SNet, for the transfer matrix: name=path,...",
         parse=config_io.parse_named_paths,
         unparse=config_io.unparse_named_paths,
+    )
+    baselines: tuple = setting(
+        ("jpeg", "bit_depth"),
+        "Input-transformation baselines (claim 4) evaluated in front of the same classifier "
+        "with the same attacks ('' for none).",
+        choices=lambda: baselines_lib.BASELINES,
     )
     attack: evaluation.EvalConfig = evaluation.EvalConfig()
     stream: streaming.StreamConfig = streaming.StreamConfig()
@@ -85,6 +95,12 @@ class EvalRunConfig:
     )
     effective_examples: int = setting(
         64, "Examples of the effective-perturbation analysis (claim 3).", lower_bound=1
+    )
+    relations_examples: int = setting(
+        200,
+        "Examples of claim 5's transfer matrix, each model attacked at its strongest "
+        "(defended ones through their surrogates).",
+        lower_bound=2,
     )
     attack_preset: str = setting(
         "standard",
@@ -110,7 +126,12 @@ class EvalRunConfig:
 
 
 def load_models(config):
-    """Returns (`evaluation.Models`, the defended keras model, the purifier keras model)."""
+    """The models of a run.
+
+    Returns:
+      (`evaluation.Models`, the defended keras model, the purifier keras model,
+      {"<name>+s2s": `claims.OwnS2S`} of the `transfer_defended` models).
+    """
     if config.defended_path:
         defended = s2s_model.load_keras(config.defended_path, "defended model")
         autoencoder = s2s_model.get_autoencoder(defended)
@@ -121,19 +142,24 @@ def load_models(config):
         defended = s2s_model.build_s2s_model(autoencoder, classifier)
     shape = defended.input_shape[1:]
     purifier = s2s_model.build_purifier(autoencoder, shape)
-    others = {}
+    others, own = {}, {}
     for name, path in config.transfer_classifiers:
-        other = s2s_model.load_keras(path, f"transfer classifier {name}")
-        others[name] = other
-        others[f"{name}+s2s"] = s2s_model.build_s2s_model(autoencoder, other, shape)
+        others[name] = _at_size(s2s_model.load_keras(path, f"transfer classifier {name}"), shape)
     for name, path in config.transfer_defended:
         other = s2s_model.load_keras(path, f"defended transfer model {name}")
-        others[name] = _at_size(s2s_model.get_classifier(other), shape)
+        other_classifier = s2s_model.get_classifier(other)
+        others[name] = _at_size(other_classifier, shape)
         others[f"{name}+s2s"] = _at_size(other, shape)
+        own_shape = other.input_shape[1:]
+        own_purifier = s2s_model.build_purifier(s2s_model.get_autoencoder(other), own_shape)
+        size = None if tuple(own_shape[:2]) == tuple(shape[:2]) else tuple(own_shape[:2])
+        own[f"{name}+s2s"] = claims.OwnS2S(
+            evaluation.Models(other_classifier, other, own_purifier), size
+        )
     models = evaluation.Models(
         classifier=classifier, defended=defended, purifier=purifier, others=others
     )
-    return models, defended, purifier
+    return models, defended, purifier, own
 
 
 def _at_size(model, shape):
@@ -218,7 +244,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
     # The bytes evaluated, hashed before they are read: the export's model card compares them.
     model_files = s2s_model.file_digests(config.model_paths())
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        models, defended, purifier = load_models(config)
+        models, defended, purifier, own = load_models(config)
     data = dataclasses.replace(
         config.data,
         global_batch_size=config.attack.batch_size,
@@ -236,11 +262,26 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         progress=progress,
         summary_dir=os.path.join(outdir, "tensorboard"),
     )
+    # Claim 4's baselines: the same split and attacks, in front of the same classifier.
+    baseline_results = claims.baselines_claim(
+        config.baselines,
+        models.classifier,
+        data,
+        config.attack,
+        os.path.join(outdir, "shards"),
+        model_key=sharded_lib.file_fingerprint(config.model_paths()),
+        stream=config.stream,
+        worker=worker,
+        strategy=strategy,
+        progress=progress,
+    )
     if results is None:
         progress(f"worker {worker.index}: its shards are written; worker 0 writes the report")
         return None
     # The analyses below read a few examples; only they are held in memory.
-    analysis_examples = max(config.gradient_examples, config.effective_examples)
+    analysis_examples = max(
+        config.gradient_examples, config.effective_examples, config.relations_examples
+    )
     images, labels = data_lib.load_numpy(
         dataclasses.replace(data, num_examples=min(analysis_examples, results["num_examples"]))
     )
@@ -264,6 +305,13 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
     effective, effective_plots = claims.effective_claim(
         evaluator, purifier, outdir, config.effective_examples
     )
+    progress(f"claims: relations (claim 5) on {config.relations_examples} examples")
+    relations_summary = claims.relations_claim(
+        evaluator,
+        list((results.get("transfer") or {}).get("matrices", {})),
+        own,
+        config.relations_examples,
+    )
     document = {
         "config": config_io.config_to_dict(config),
         "model_files": model_files,
@@ -275,7 +323,8 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         "gradient_analysis": analysis["metrics"],
         "counterfactual": gradient_claims,
         "effective_perturbations": effective,
-        "relations": _relations(results),
+        "relations": relations_summary,
+        "baselines": baseline_results,
     }
     paths = report.write_report(
         document, outdir, examples=examples, histograms=histograms, plots=effective_plots
@@ -288,14 +337,6 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         f"{converged[results.get('converged')]})"
     )
     return document
-
-
-def _relations(results):
-    """Claim 5's summary from the transfer matrices ({} without a transfer run)."""
-    transfer = results.get("transfer")
-    if not transfer:
-        return {}
-    return relations.summarize(transfer["matrices"], results["clean"])
 
 
 def _example_rows(evaluator, purifier, analysis):
