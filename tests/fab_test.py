@@ -255,6 +255,10 @@ class FabTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLessEqual(runner.accuracy(self.model, adv, self.y), clean - 0.5)
         again = runner.run_attack("fab_t", self.model, self.x, self.y, eps, steps=20, restarts=2)
         self.assertAllEqual(adv, again)
+        # Without a budget it is the minimum-norm attack: every example is fooled.
+        free = runner.run_attack("fab_t", self.model, self.x, self.y, None, steps=20)
+        self.assertTrue(np.all(runner.predict(self.model, free) != self.y))
+        self.assertGreater(np.abs(free - self.x).max(), eps)
 
     def test_argument_errors(self):
         with self.assertRaisesRegex(ValueError, "picks its own targets"):
