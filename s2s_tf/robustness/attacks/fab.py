@@ -275,7 +275,8 @@ def fab_t(
     ).x
 
 
-# AutoAttack's standard suite runs FAB-T with these (and one restart).
+# AutoAttack's standard suite runs FAB-T with these (and one restart); it starts that one
+# restart from the clean image, where `rand_init` starts every run from a random point.
 DEFAULTS = {
     "steps": 100,
     "n_target_classes": 9,
