@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+import keras
 from absl import app
 from absl import flags
 
@@ -76,6 +77,8 @@ def main(argv):
     config = config_from_flags()
     config.validate()
     strategy = common_flags.strategy_from_flags()
+    # Models built from scratch (stage 0, stage 1) start from --seed, so a run repeats.
+    keras.utils.set_random_seed(config.train_data.seed)
     # A missing dataset (either split) fails here, before anything is written.
     for data in filter(None, (config.train_data, config.eval_data)):
         data_lib.load_source(data)
