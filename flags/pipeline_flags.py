@@ -11,6 +11,7 @@ from s2s_tf import pipeline
 from s2s_tf.flags import common_flags
 from s2s_tf.flags import config_flags
 from s2s_tf.robustness import evaluation
+from s2s_tf.train import adversarial
 
 # The pipeline's attack settings; --attack_steps because --steps would read as training steps.
 ATTACK_SETTINGS = ("num_examples", "gradient_free_examples", "steps")
@@ -31,4 +32,6 @@ def define_pipeline_flags():
         defaults=defaults.attack,
         flag_names=ATTACK_FLAG_NAMES,
     )
+    # The inner attack of --robust's adversarial training and its held-out check.
+    config_flags.define(adversarial.AdversarialConfig, defaults=defaults.adversarial)
     common_flags.define_strategy_flags(choices=("mirrored", "one_device"))

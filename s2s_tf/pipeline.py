@@ -28,12 +28,15 @@ from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.robustness import eval_lib
 from s2s_tf.robustness import evaluation
+from s2s_tf.train import adversarial as adversarial_lib
 from s2s_tf.train import optim
 from s2s_tf.train import stages
 from s2s_tf.train import train_lib
 from s2s_tf.train import trainer
 
 TRANSFER_DIR = "transfer_{}"
+# A stage folder's wall-clock record of its training (`stage_seconds` reads it).
+TIMING_FILE = "timing.json"
 
 
 def _check_classifier_or_empty(name):
@@ -90,7 +93,11 @@ class PipelineConfig:
     stage1_steps: int = setting(800, "Steps of stage 1.", lower_bound=1)
     stage2_steps: int = setting(300, "Steps of stage 2.", lower_bound=1)
     # Off: a run of ~1.3 epochs fits better without (91 % vs 88 % on Fashion-MNIST).
-    classifier_augment: bool = setting(False, "Random crops and flips for the classifiers.")
+    classifier_augment: str = setting(
+        "off",
+        "Augmentation of the classifiers' training (stage 0): off, crop or crop_flip.",
+        choices=data_lib.AUGMENTATIONS,
+    )
     learning_rate: float = setting(
         3e-3, "Peak Adam learning rate of stages 0 and 1 (cosine).", check=config_io.check_positive
     )
@@ -102,11 +109,35 @@ class PipelineConfig:
     warmup_steps: int = 50
     steps_per_loop: int = 20
     eval_examples: int = 1000
-    attack_preset: str = "fast"
+    attack_preset: str = setting(
+        "fast",
+        "Attack suite of the reports (evaluation.PRESETS); the attack flags change it.",
+        choices=lambda: evaluation.PRESETS,
+    )
     attack: evaluation.EvalConfig = evaluation.PRESETS["fast"]
+    robust: bool = setting(
+        False,
+        "Also train an adversarial S2SNet (stage 2 against the surrogate attack) and an "
+        "adversarially trained classifier, evaluate all four models and export the robust S2SNet.",
+    )
+    robust_stage2_steps: int = setting(600, "--robust: adversarial stage-2 steps.", lower_bound=1)
+    robust_classifier_steps: int = setting(
+        1200, "--robust: steps of the adversarially trained classifier.", lower_bound=1
+    )
+    robust_stage2_trainable: str = setting(
+        "decoder",
+        "--robust: what adversarial stage 2 trains (decoder or autoencoder).",
+        choices=stages.STAGE2_PARTS,
+    )
+    robust_learning_rate: float = setting(
+        1e-3,
+        "--robust: peak Adam learning rate of adversarial stage 2 (cosine).",
+        check=config_io.check_positive,
+    )
+    adversarial: adversarial_lib.AdversarialConfig = adversarial_lib.AdversarialConfig()
 
 
-def _train_config(config, stage, steps, model):
+def _train_config(config, stage, steps, model, **overrides):
     every = max(steps // 2, 1)
     eval_data = dataclasses.replace(
         config.data, split=config.eval_split, augment=False, num_examples=config.eval_examples
@@ -115,7 +146,7 @@ def _train_config(config, stage, steps, model):
     if stage == "stage0":
         train_data = dataclasses.replace(train_data, augment=config.classifier_augment)
     learning_rate = config.stage2_learning_rate if stage == "stage2" else config.learning_rate
-    return train_lib.TrainConfig(
+    train_config = train_lib.TrainConfig(
         stage=stage,
         model=model,
         train_data=train_data,
@@ -134,7 +165,9 @@ def _train_config(config, stage, steps, model):
         ),
         stage2_loss=config.stage2_loss,
         reconstruction_weight=config.reconstruction_weight,
+        adversarial=config.adversarial,
     )
+    return dataclasses.replace(train_config, **overrides)
 
 
 def _done(workdir, stage, steps):
@@ -147,13 +180,27 @@ def _done(workdir, stage, steps):
     return result.get("step") == steps and not result.get("preempted")
 
 
-def _train(config, workdir, strategy, stage, steps, model):
+def train_stage(config, workdir, strategy, stage, steps, model, **overrides):
+    """Trains `stage` in `workdir` unless finished; records its wall-clock seconds."""
     if _done(workdir, stage, steps):
         logging.info("%s in %s is finished; reusing it", stage, workdir)
         return
     started = time.perf_counter()
-    train_lib.train(_train_config(config, stage, steps, model), workdir, strategy)
-    logging.info("%s took %.0f s", stage, time.perf_counter() - started)
+    train_lib.train(_train_config(config, stage, steps, model, **overrides), workdir, strategy)
+    seconds = time.perf_counter() - started
+    logging.info("%s took %.0f s", stage, seconds)
+    path = os.path.join(workdir, stage, TIMING_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"train_seconds": round(seconds, 1)}, f)
+
+
+def stage_seconds(workdir, stage):
+    """The training seconds `_train` recorded for `stage` in `workdir` (None: not recorded)."""
+    path = os.path.join(workdir, stage, TIMING_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["train_seconds"]
 
 
 def train_all(config, workdir, strategy):
@@ -162,18 +209,18 @@ def train_all(config, workdir, strategy):
     base = stages.ModelConfig(
         classifier=config.classifier, image_size=size, autoencoder=config.autoencoder
     )
-    _train(config, workdir, strategy, "stage0", config.classifier_steps, base)
+    train_stage(config, workdir, strategy, "stage0", config.classifier_steps, base)
     paths = {"classifier": constants.classifier_path(workdir)}
     if config.transfer_classifier:
         other_dir = os.path.join(workdir, TRANSFER_DIR.format(config.transfer_classifier))
         other = dataclasses.replace(base, classifier=config.transfer_classifier)
-        _train(config, other_dir, strategy, "stage0", config.classifier_steps, other)
+        train_stage(config, other_dir, strategy, "stage0", config.classifier_steps, other)
         paths["transfer"] = constants.classifier_path(other_dir)
     with_classifier = dataclasses.replace(base, classifier_path=paths["classifier"])
-    _train(config, workdir, strategy, "stage1", config.stage1_steps, with_classifier)
+    train_stage(config, workdir, strategy, "stage1", config.stage1_steps, with_classifier)
     paths["stage1"] = constants.autoencoder_path(workdir)
     stage2 = dataclasses.replace(with_classifier, autoencoder_path=paths["stage1"])
-    _train(config, workdir, strategy, "stage2", config.stage2_steps, stage2)
+    train_stage(config, workdir, strategy, "stage2", config.stage2_steps, stage2)
     paths["defended"] = constants.defended_path(workdir)
     if "transfer" in paths:
         # One S2SNet per classifier: stage 2 again, from the shared stage-1 autoencoder,
@@ -181,7 +228,7 @@ def train_all(config, workdir, strategy):
         other_stage2 = dataclasses.replace(
             stage2, classifier=config.transfer_classifier, classifier_path=paths["transfer"]
         )
-        _train(config, other_dir, strategy, "stage2", config.stage2_steps, other_stage2)
+        train_stage(config, other_dir, strategy, "stage2", config.stage2_steps, other_stage2)
         paths["transfer_defended"] = constants.defended_path(other_dir)
     return paths
 

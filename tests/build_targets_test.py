@@ -37,6 +37,7 @@ _COVERED_BY = {
     "s2s_tf/flags/train_flags.py": "tests/train_main_test.py",
     "s2s_tf/models/checkpoint_files.py": "tests/torch_convert_test.py",
     "s2s_tf/pipeline_main.py": "tests/pipeline_test.py",
+    "s2s_tf/robust_pipeline.py": "tests/pipeline_test.py",
     "s2s_tf/robustness/attacks/base.py": "tests/attack_base_test.py",
     "s2s_tf/robustness/attacks/cw_l2.py": "tests/cleverhans_shim_test.py",
     "s2s_tf/robustness/attacks/fgsm.py": "tests/attacks_test.py",

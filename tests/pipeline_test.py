@@ -10,8 +10,10 @@ import tensorflow as tf
 
 from s2s_tf import data as data_lib
 from s2s_tf import pipeline
+from s2s_tf import robust_pipeline
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.robustness import evaluation
+from s2s_tf.train import adversarial
 
 TINY = pipeline.PipelineConfig(
     data=data_lib.DataConfig(source="testing", image_size=(16, 16), global_batch_size=8),
@@ -87,6 +89,75 @@ class PipelineTest(tf.test.TestCase):
         again = pipeline.run(TINY, workdir, tf.distribute.get_strategy(), lambda line: None)
         self.assertEqual(again["export"], outputs["export"])
         self.assertLess(again["seconds"], outputs["seconds"])
+
+    def test_robust_pipeline_trains_evaluates_and_tabulates_four_models(self):
+        workdir = tempfile.mkdtemp()
+        config = dataclasses.replace(
+            TINY,
+            transfer_classifier="",
+            robust=True,
+            robust_stage2_steps=2,
+            robust_classifier_steps=2,
+            classifier_augment="crop",
+            data=dataclasses.replace(TINY.data, augment="crop"),
+            adversarial=adversarial.AdversarialConfig(
+                train_attack_steps=2, robust_check_examples=8, robust_check_steps=2
+            ),
+        )
+        printed = []
+        outputs = robust_pipeline.run(config, workdir, tf.distribute.get_strategy(), printed.append)
+        for path in (
+            "robust/stage2/defended.keras",
+            "madry/stage0/classifier.keras",
+            "eval_classifier/robustness.json",
+            "eval_report/robustness.json",
+            "robust/eval_report/robustness.json",
+            "madry/eval_report/robustness.json",
+            "robust/export/1/saved_model.pb",
+            "robust/export/1/assets.extra/model_card.json",
+            "export/1/saved_model.pb",
+        ):
+            self.assertTrue(os.path.exists(os.path.join(workdir, path)), path)
+        with open(os.path.join(workdir, "robust", "stage2", "config.json")) as f:
+            stage2 = json.load(f)
+        self.assertEqual(stage2["stage2_objective"], "adversarial")
+        self.assertEqual(stage2["train_data"]["augment"], "crop")
+        self.assertAlmostEqual(stage2["adversarial"]["train_eps"], 8 / 255)
+        with open(os.path.join(workdir, "madry", "stage0", "config.json")) as f:
+            madry = json.load(f)
+        self.assertEqual(madry["stage0_objective"], "adversarial")
+        self.assertEqual(madry["train_data"]["augment"], "crop")
+        with open(os.path.join(workdir, "madry", "stage0", "result.json")) as f:
+            self.assertIn("robust_check", json.load(f))
+
+        # Each row of the table is its model's own report.
+        with open(os.path.join(workdir, robust_pipeline.SUMMARY_FILE)) as f:
+            rows = json.load(f)
+        self.assertEqual(list(rows), [key for key, _ in robust_pipeline.MODELS])
+        table = "\n".join(printed)
+        for key, row in rows.items():
+            with open(row["report"]) as f:
+                results = json.load(f)["results"]
+            self.assertEqual(row["clean"], results["clean"]["defended"])
+            self.assertEqual(row["headline"], results["headline"])
+            eps = "8/255"
+            h = results["headline"][eps]
+            cell = f"{100 * h['robust_accuracy']:.1f}% ({100 * h['ci95'][0]:.1f}-"
+            self.assertIn(f"| {row['title']} | {100 * row['clean']:.1f}% | {cell}", table)
+            self.assertIsNotNone(row["train_seconds"], key)
+            self.assertIsNotNone(row["eval_seconds"], key)
+        # An undefended classifier is attacked white-box and gradient-free only.
+        with open(rows["madry"]["report"]) as f:
+            runs = json.load(f)["results"]["headline"]["8/255"]["runs"]
+        self.assertTrue(runs)
+        threats = {r.split("/")[0] for r in runs}
+        self.assertIn("white_box", threats)
+        self.assertEmpty(threats & {"gray_box", "bpda", "surrogate", "transfer"})
+        self.assertEqual(outputs["robust_export"], os.path.join(workdir, "robust", "export", "1"))
+
+        again = robust_pipeline.run(config, workdir, tf.distribute.get_strategy(), lambda _: None)
+        self.assertLess(again["seconds"], outputs["seconds"])
+        self.assertEqual(again["robust_export"], outputs["robust_export"])
 
 
 if __name__ == "__main__":
