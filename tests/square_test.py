@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from s2s_tf.robustness.attacks import iterates
 from s2s_tf.robustness.attacks import square
 
 SHAPE = (8, 8, 3)
@@ -157,6 +158,68 @@ class SquareTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(run.x, cur)
         self.assertAllEqual(run.success, done)
         self.assertTrue(np.any(done) and not np.all(done))
+
+    def test_candidates_follow_the_draws(self):
+        # Replays the search from TensorFlow's own per-example draws (the map_fn path of
+        # iterates): every query must be exactly the reference's window on those numbers.
+        x, eps, steps = self.x_edges[:5], 0.03, 130
+        y = self._predict(x).astype(np.int32)
+        seeds = tf.constant([[4, 1], [4, 2], [-3, 2**40], [9, 9], [0, 0]], tf.int64)
+        model = _Recording(self.model)
+        _traced(model, x, y, eps, steps=steps, seed=seeds)
+        self.assertLen(model.seen, steps + 2)  # not stopped early: draws past one chunk
+        hi, lo = np.clip(x + eps, 0.0, 1.0), np.clip(x - eps, 0.0, 1.0)
+        stripes = iterates.per_example_uniform([1, 8, 3], seeds, salt=0).numpy()
+        cur, logits = model.seen[1]
+        self.assertAllEqual(cur, np.where(stripes < 0.5, lo, hi))
+        margin = square.margin_loss(logits, y, False).numpy()
+        done = np.argmax(logits, -1) != y
+        grid = np.arange(8)
+        for i, (cand, logits) in enumerate(model.seen[2:]):
+            if i % 100 == 0:
+                draws = iterates.per_example_uniform([100, 5], seeds, salt=i // 100 + 1).numpy()
+            r = draws[:, i % 100]
+            side = int(square.square_side(i, steps, 0.8, *SHAPE))
+            top = 8 - side
+            corner = np.floor(r[:, :2] * np.float32(top)).astype(int)
+            vh, vw = np.clip(corner, 0, max(top - 1, 0)).T[:, :, None]
+            in_rows, in_cols = (grid >= vh) & (grid < vh + side), (grid >= vw) & (grid < vw + side)
+            window = (in_rows[:, :, None] & in_cols[:, None, :])[..., None]
+            values = np.where(r[:, None, None, 2:] >= 0.5, hi, lo)
+            self.assertAllEqual(cand, np.where(window, values, cur))
+            new_margin = square.margin_loss(logits, y, False).numpy()
+            accept = ~done & (new_margin < margin)
+            cur = np.where(accept[:, None, None, None], cand, cur)
+            margin = np.where(accept, new_margin, margin)
+            done |= accept & (np.argmax(logits, -1) != y)
+
+    def test_nan_logits_keep_the_clean_input(self):
+        x, y = self.x[:6], self.y[:6]
+
+        def model_fn(images):
+            logits = self.model(images)
+            bad = tf.constant([True, False, True, False, False, False])[:, None]
+            return tf.where(bad, float("nan"), logits)
+
+        adv, loss, success, _ = (np.asarray(v) for v in _traced(model_fn, x, y, 0.2, steps=60))
+        # A NaN margin never counts as an improvement: the clean input stays the best point.
+        self.assertAllEqual(adv[[0, 2]], x[[0, 2]])
+        # Success is the clean prediction's (argmax of NaN logits is some class), as before.
+        clean_fooled = np.argmax(model_fn(x), -1) != y
+        self.assertAllEqual(success[[0, 2]], clean_fooled[[0, 2]])
+        self.assertAllEqual(loss[[0, 2]], [-np.inf, -np.inf])
+        self.assertTrue(np.all(np.abs(adv[[1, 3, 4, 5]] - x[[1, 3, 4, 5]]).max((1, 2, 3)) > 0))
+
+    def test_per_example_draws_need_no_loop_over_examples(self):
+        # The query loop is the only loop in the graph: no map_fn over the examples.
+        seeds = tf.constant([[1, 2]] * 4, tf.int64)
+        graph = self.attack.get_concrete_function(
+            self.x[:4], self.y[:4], tf.constant(0.1), seeds
+        ).graph.as_graph_def()
+        ops = [n.op for n in graph.node] + [
+            n.op for f in graph.library.function for n in f.node_def
+        ]
+        self.assertEqual(ops.count("While") + ops.count("StatelessWhile"), 1)
 
     def test_uses_no_gradients(self):
         source = inspect.getsource(square)
