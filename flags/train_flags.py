@@ -73,20 +73,8 @@ def _define_optimizer_flags():
 
 
 def _define_adversarial_flags():
-    """--train_eps and the other inner-attack flags, and which stage each objective is for."""
+    """--train_eps and the other inner-attack flags (stages 0 and 2 read them)."""
     config_flags.define(adversarial.AdversarialConfig)
-    for flag, stage, default in (
-        ("stage0_objective", "stage0", "standard"),
-        ("stage2_objective", "stage2", "paper"),
-        ("stage2_trainable", "stage2", "decoder"),
-    ):
-        flags.register_multi_flags_validator(
-            ["stage", flag],
-            lambda values, flag=flag, stage=stage, default=default: (
-                values[flag] == default or values["stage"] == stage
-            ),
-            message=f"--{flag} is a setting of --stage={stage}",
-        )
 
 
 def _register_stage2_inputs_validator():
