@@ -37,6 +37,19 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertFalse(loop_utils.crossed(9, 5, 10))
         self.assertEqual(loop_utils.to_next(7, 5), 3)
 
+    def test_robust_watch_flags_a_collapse_only(self):
+        watch = loop_utils.RobustWatch(fraction=0.5, min_drop=0.1)
+        flags = [
+            watch.update({"accuracy": a}, "stage2", step)["overfitting_suspected"]
+            for step, a in enumerate((0.30, 0.45, 0.40, 0.20, 0.05))
+        ]
+        self.assertEqual(flags, [0.0, 0.0, 0.0, 1.0, 1.0])
+        self.assertEqual(watch.best, 0.45)
+        small = loop_utils.RobustWatch()  # near 0 %, noise is not a collapse
+        small.update({"accuracy": 0.06}, "stage2", 0)
+        self.assertEqual(small.update({"accuracy": 0.0}, "stage2", 1)["overfitting_suspected"], 0)
+        self.assertEqual(small.update({"psnr": 20.0}, "stage1", 2), {"psnr": 20.0})
+
     def test_steps_checkpoints_and_summaries(self):
         workdir = tempfile.mkdtemp()
         loop = trainer.LoopConfig(
