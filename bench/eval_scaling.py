@@ -1,27 +1,35 @@
-r"""Benchmark: PGD evaluation through `distributed.evaluate_examples` on 1 and N replicas.
+r"""Benchmark: a split streamed in shards vs held in memory, and 1 vs N replicas.
 
-    python bench/eval_scaling.py
-    python bench/eval_scaling.py --replicas=1,2,4 --per_replica_batch=64 --examples=2048 \
-        --ae=vgg3 --json_out=/tmp/eval_scaling.json
+    python bench/eval_scaling.py                       # --mode=stream: 2,000 and 20,000 images
+    python bench/eval_scaling.py --mode=stream --examples=1000,10000 --image_size=32 \
+        --attack=apgd_ce --steps=10 --json_out=/tmp/eval_stream.json
+    python bench/eval_scaling.py --mode=replicas --replicas=1,2,4 --per_replica_batch=64
 
-It builds the defended composite (`s2s_model.build_s2s_model`: an untrained
-SegNet autoencoder + a registry classifier) under each strategy's scope and runs
-PGD-k (`attacks.pgd.pgd`, random start) over `--examples` random
-images with `distributed.ExampleEvaluator`, which is how the robustness
-evaluation runs at scale: per-replica slices, `strategy.run` in one
-`tf.function`, per-example results gathered back in order. It reports
-examples x steps / s for each replica count and the ratio to 1 replica.
+--mode=stream writes a folder of random PNGs (the largest of --examples) and
+a tiny defended model, then evaluates the first N images of the folder for
+each N, each in a fresh process (so its peak memory, VmHWM, is its own): the
+whole suite of one threat model (`--attack` on the white-box model, its
+convergence reruns and the large-eps run) through `streaming.evaluate_split`
+in shards of --shard_size, and through one in-memory `evaluation.Evaluator`
+over `data.load_numpy` (the path before streaming). Both run the attacks on
+one replica (`ShardedAttacks`, as the binary does). It reports examples/s
+and peak RSS of each, the throughput ratio streaming / in-memory (goal >= 0.95)
+and how much each path's peak grows from the smallest N to the largest (goal
+for streaming: less than one shard's images).
 
-Replicas are the first N GPUs when the machine has GPUs (1 replica:
-`OneDeviceStrategy`; more: `MirroredStrategy`), else N logical CPU devices
-(`distribute.split_cpu`). Logical CPU devices share the same cores, so on a CPU
-the ratio shows the engine's overhead, not a speed-up; scaling needs real devices.
-The per-replica batch is fixed (weak scaling): N replicas evaluate N times as many
-examples per step. Each count runs one untimed call (it compiles), then
-`--timed_calls` calls; the median is reported.
+--mode=replicas runs PGD-k through `distributed.ExampleEvaluator` on 1 and N
+replicas (the first N GPUs, else N logical CPU devices, which share the cores:
+there the ratio is the engine's overhead, not a speed-up). The per-replica
+batch is fixed (weak scaling); the median of --timed_calls calls after one
+untimed call is reported.
 """
 
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import bench_util
@@ -31,22 +39,34 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
+from s2s_tf import data as data_lib
+from s2s_tf import testing_utils
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import distributed
+from s2s_tf.robustness import evaluation
+from s2s_tf.robustness import sharded
+from s2s_tf.robustness import streaming
 from s2s_tf.robustness.attacks import pgd
 from s2s_tf.train import distribute
 
 FLAGS = flags.FLAGS
 
+flags.DEFINE_enum("mode", "stream", ["stream", "replicas"], "What to measure (see above).")
+flags.DEFINE_list("split_sizes", ["2000", "20000"], "Stream mode: examples per evaluation.")
+flags.DEFINE_integer("shard_size", 1000, "Stream mode: examples per shard.", lower_bound=1)
+flags.DEFINE_string("attack", "fgsm", "Stream mode: the attack of the suite.")
+flags.DEFINE_integer("batch_size", 250, "Stream mode: attack batch size.", lower_bound=1)
+flags.DEFINE_string("workdir", None, "Stream mode: folder for the images and the model.")
+flags.DEFINE_string("child", None, "Internal: one stream-mode measurement, as JSON.")
 flags.DEFINE_list("replicas", ["1", "2"], "Replica counts to measure; the first is the baseline.")
 flags.DEFINE_integer("image_size", 32, "Square image size.", lower_bound=8)
 flags.DEFINE_enum("ae", "tiny", list(bench_util.AE_PRESETS), "Autoencoder stage widths.")
 flags.DEFINE_string("classifier", "small_cnn", "Classifier registry name.")
 flags.DEFINE_integer("per_replica_batch", 16, "Examples per replica and step.", lower_bound=1)
-flags.DEFINE_integer("examples", 128, "Examples evaluated per timed call.", lower_bound=1)
-flags.DEFINE_integer("steps", 5, "PGD steps k.", lower_bound=1)
+flags.DEFINE_integer("examples", 128, "Replicas mode: examples per timed call.", lower_bound=1)
+flags.DEFINE_integer("steps", 5, "PGD steps k (stream mode: the attack's steps).", lower_bound=1)
 flags.DEFINE_float("eps", 8.0 / 255.0, "L-inf budget in [0, 1] pixel units.")
 flags.DEFINE_integer("timed_calls", 3, "Timed calls per replica count (median).", lower_bound=1)
 flags.DEFINE_string("json_out", None, "Also write the numbers to this JSON file.")
@@ -130,6 +150,16 @@ def report(results):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.child:
+        measure_stream(json.loads(FLAGS.child))
+    elif FLAGS.mode == "stream":
+        run_stream()
+    else:
+        run_replicas()
+
+
+def run_replicas():
+    """1 vs N replicas (see the module docstring)."""
     counts = [int(r) for r in FLAGS.replicas]
     if not counts or min(counts) < 1:
         raise app.UsageError(f"--replicas must be positive ints, got {FLAGS.replicas}")
@@ -170,6 +200,145 @@ def main(argv):
     }
     report(results)
     bench_util.write_json(results, FLAGS.json_out)
+
+
+# Stream mode.
+
+
+def stream_config():
+    """One threat model's suite: the reference run, two convergence reruns, the large eps."""
+    return evaluation.EvalConfig(
+        attacks=(FLAGS.attack,),
+        gradient_free_attacks=(),
+        threat_models=("white_box",),
+        eps=(FLAGS.eps,),
+        num_examples=None,
+        batch_size=FLAGS.batch_size,
+        steps=FLAGS.steps,
+        target_classes=1,
+        check_extra_restarts=1,
+    )
+
+
+def peak_rss_kb():
+    """This process's peak RSS since its program started (VmHWM; a fork's parent excluded)."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def measure_stream(spec):
+    """One evaluation of the folder's first `spec["examples"]` images; prints a JSON line."""
+    defended = s2s_model.load_keras(spec["model"], "defended model")
+    purifier = s2s_model.build_purifier(
+        s2s_model.get_autoencoder(defended), defended.input_shape[1:]
+    )
+    models = evaluation.Models(s2s_model.get_classifier(defended), defended, purifier)
+    data = data_lib.DataConfig(
+        source="folder",
+        folder=spec["folder"],
+        split="test",
+        image_size=(FLAGS.image_size,) * 2,
+        num_examples=spec["examples"],
+    )
+    strategy = make_strategy(1)
+    config = stream_config()
+    start = time.perf_counter()
+    if spec["path"] == "stream":
+        results = streaming.evaluate_split(
+            models,
+            data,
+            config,
+            tempfile.mkdtemp(prefix="eval_scaling_"),
+            stream=streaming.StreamConfig(shard_size=FLAGS.shard_size),
+            strategy=strategy,
+            progress=lambda line: None,
+        )
+    else:
+        images, labels = data_lib.load_numpy(data)
+        runs = sharded.ShardedAttacks(strategy, config.batch_size, config.seed)
+        results = evaluation.Evaluator(models, images, labels, config, lambda _: None, runs).run()
+    seconds = time.perf_counter() - start
+    headline = results["headline"][evaluation.eps_key(FLAGS.eps)]
+    print(json.dumps({"seconds": seconds, "peak_rss_kb": peak_rss_kb(), "robust": headline}))
+
+
+def write_images(folder, count, size):
+    """`count` random PNGs in 3 class folders (kept: a rerun reuses them)."""
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        path = os.path.join(folder, f"class{index % 3}", f"{index:06d}.png")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            tf.io.write_file(path, tf.io.encode_png(image))
+
+
+def run_stream():
+    """Streaming vs in-memory at each split size, each measurement in a fresh process."""
+    sizes = sorted(int(n) for n in FLAGS.split_sizes)
+    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="eval_scaling_")
+    folder = os.path.join(workdir, f"images{FLAGS.image_size}")
+    write_images(folder, sizes[-1], FLAGS.image_size)
+    model = testing_utils.save_tiny_models(
+        os.path.join(workdir, "models"), size=(FLAGS.image_size,) * 2, num_classes=3
+    )["defended"]
+    machine = bench_util.machine_info()
+    rows = []
+    for examples in sizes:
+        for path in ("in_memory", "stream"):
+            spec = {"model": model, "folder": folder, "examples": examples, "path": path}
+            flags_given = [a for a in sys.argv[1:] if not a.startswith("--child")]
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    *flags_given,
+                    f"--child={json.dumps(spec)}",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"examples": examples, "path": path, **row})
+    report_stream(rows, machine)
+    bench_util.write_json({"machine": machine, "rows": rows}, FLAGS.json_out)
+
+
+def report_stream(rows, machine):
+    shard_mb = FLAGS.shard_size * FLAGS.image_size**2 * 3 * 4 / 2**20
+    lines = [
+        "",
+        f"Whole-split evaluation: {FLAGS.attack} suite (steps {FLAGS.steps}) on the white-box "
+        f"model, {FLAGS.image_size} px, batch {FLAGS.batch_size}, shards of {FLAGS.shard_size} "
+        f"({shard_mb:.1f} MB of images)",
+        f"  machine   {machine['cpus_usable']} usable CPUs, {machine['cpu_model']}; "
+        f"device {machine['device']}",
+        "",
+        f"  {'examples':>9}{'path':>11}{'seconds':>10}{'examples/s':>12}{'peak RSS MB':>13}"
+        f"{'robust':>9}",
+    ]
+    by = {(r["examples"], r["path"]): r for r in rows}
+    for r in rows:
+        lines.append(
+            f"  {r['examples']:>9}{r['path']:>11}{r['seconds']:>10.1f}"
+            f"{r['examples'] / r['seconds']:>12.1f}{r['peak_rss_kb'] / 1024:>13.0f}"
+            f"{r['robust']['robust']:>9}"
+        )
+    sizes = sorted({r["examples"] for r in rows})
+    lines.append("")
+    for n in sizes:
+        ratio = by[(n, "in_memory")]["seconds"] / by[(n, "stream")]["seconds"]
+        same = by[(n, "in_memory")]["robust"] == by[(n, "stream")]["robust"]
+        lines.append(
+            f"  {n} examples: streaming throughput {ratio:.2f}x in-memory; headline "
+            f"{'identical' if same else 'DIFFERENT'}"
+        )
+    for path in ("stream", "in_memory"):
+        grown = (by[(sizes[-1], path)]["peak_rss_kb"] - by[(sizes[0], path)]["peak_rss_kb"]) / 1024
+        lines.append(f"  {path} peak RSS, {sizes[0]} -> {sizes[-1]} examples: {grown:+.0f} MB")
+    bench_util.print_report(lines, machine)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from s2s_tf.flags import common_flags
 from s2s_tf.flags import config_flags
 from s2s_tf.robustness import eval_lib
 from s2s_tf.robustness import evaluation
+from s2s_tf.robustness import streaming
 
 
 def define_eval_flags():
@@ -29,7 +30,9 @@ def define_eval_flags():
     flags.DEFINE_string("output_dir", None, "Report directory; default <workdir>/eval_report.")
     config_flags.define(evaluation.EvalConfig)
     config_flags.define(eval_lib.EvalRunConfig)
+    config_flags.define(streaming.StreamConfig)
     common_flags.define_strategy_flags()
+    _define_worker_flags()
 
     @flags.multi_flags_validator(
         ["workdir", "defended_path", "autoencoder_path", "classifier_path"],
@@ -43,3 +46,39 @@ def define_eval_flags():
             default = values["workdir"] and constants.defended_path(values["workdir"])
             paths = [values["defended_path"] or default]
         return all(p and os.path.exists(p) for p in paths)
+
+
+def _define_worker_flags():
+    """--eval_workers and --eval_worker_index: processes sharing one evaluation's shards."""
+    flags.DEFINE_integer(
+        "eval_workers",
+        1,
+        "Processes (on any machines, with --output_dir on storage they share) that split the "
+        "evaluation's shards; with --strategy=multi_worker, TF_CONFIG's tasks instead.",
+        lower_bound=1,
+    )
+    flags.DEFINE_integer(
+        "eval_worker_index",
+        0,
+        "This process's index among --eval_workers; worker 0 merges the shards and writes "
+        "the report.",
+        lower_bound=0,
+    )
+
+    @flags.multi_flags_validator(
+        ["eval_workers", "eval_worker_index", "strategy"],
+        message="--eval_worker_index must be below --eval_workers, and with "
+        "--strategy=multi_worker both come from TF_CONFIG (leave them unset)",
+    )
+    def _check_worker(values):
+        if values["strategy"] == "multi_worker":
+            return values["eval_workers"] == 1 and values["eval_worker_index"] == 0
+        return values["eval_worker_index"] < values["eval_workers"]
+
+
+def worker_from_flags(flag_values=None):
+    """The `streaming.Worker` of --eval_workers/--eval_worker_index, or of TF_CONFIG."""
+    values = flag_values or flags.FLAGS
+    if values.strategy == "multi_worker":
+        return streaming.worker_from_tf_config(os.environ.get("TF_CONFIG"))
+    return streaming.Worker(values.eval_worker_index, values.eval_workers)

@@ -17,7 +17,9 @@ replica (an attack's eps and step size), so one compiled step serves them all.
 - Each global batch is cut into one contiguous slice per replica; each replica
   runs `fn` on its slice inside one `tf.function` (`strategy.run`), and
   `strategy.gather` brings the per-example results back in example order, on
-  every worker. The last batch is padded with zero images (index -1) and the
+  every worker. The last batch is padded with zero images (index -1) to
+  `ROW_GRANULE` times a power of two rows per replica (not to a full batch: a
+  small last batch costs little, and few distinct shapes are compiled), and the
   padded rows are dropped, so no replica ever sees an empty batch and 1, 2 or 3
   replicas give the same per-example results when `fn` is a function of each
   example alone.
@@ -46,6 +48,8 @@ from s2s_tf.train import distribute
 
 DEFAULT_SHARD_SIZE = 1024
 PAD_INDEX = -1
+# A last, partial batch is padded to this many rows per replica times a power of two.
+ROW_GRANULE = 8
 _PREFIX = "shard"
 _META_KEY = "__key__"
 _META_DIGEST = "__digest__"
@@ -134,9 +138,9 @@ class ExampleEvaluator:
         _check_positive("batch_size", batch_size)
         self.strategy = strategy or tf.distribute.get_strategy()
         replicas = self.strategy.num_replicas_in_sync
-        per_replica = math.ceil(batch_size / replicas)
-        self.global_batch = per_replica * replicas
-        self._step = _make_step(self.strategy, fn, per_replica)
+        self.per_replica = math.ceil(batch_size / replicas)
+        self.global_batch = self.per_replica * replicas
+        self._step = _make_step(self.strategy, fn)
 
     def __call__(
         self,
@@ -168,7 +172,7 @@ class ExampleEvaluator:
         for (start, end, digest), done in zip(shards, found, strict=True):
             if done is None:
                 done = _run_shard(
-                    self._step, (images, labels, indices), args, start, end, self.global_batch
+                    self._step, (images, labels, indices), args, (start, end), self.per_replica
                 )
                 store.write(start, end, digest, done)
                 _report(progress, clock.advance(end - start))
@@ -208,13 +212,15 @@ def _shard_ranges(count, shard_size):
     return [(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
 
 
-def _make_step(strategy, fn, per_replica):
+def _make_step(strategy, fn):
     """Returns `run(x, y, index, args)`: one padded global batch (numpy) -> its results (numpy).
 
-    Replica r takes rows `[r * per_replica, (r + 1) * per_replica)`, and `strategy.gather`
-    concatenates the replicas' outputs in replica order, so the rows come back in the
-    order they went in.
+    With `b` rows per replica (the batch's rows / the replicas), replica r takes rows
+    `[r * b, (r + 1) * b)`, and `strategy.gather` concatenates the replicas' outputs in
+    replica order, so the rows come back in the order they went in. One trace serves
+    every batch size (after the second, the batch axis is left unknown).
     """
+    replicas = strategy.num_replicas_in_sync
     dtypes = {}
 
     def replica_fn(x, y, index, *args):
@@ -226,21 +232,33 @@ def _make_step(strategy, fn, per_replica):
             if name in (_META_KEY, _META_DIGEST):
                 raise ValueError(f"fn output name {name!r} is reserved for shard files")
             value = tf.convert_to_tensor(value)
-            if value.shape.rank is None or value.shape.rank < 1 or value.shape[0] != per_replica:
+            rows = x.shape[0]
+            if (
+                value.shape.rank is None
+                or value.shape.rank < 1
+                or (None not in (rows, value.shape[0]) and value.shape[0] != rows)
+            ):
                 raise ValueError(
                     f"fn output {name!r} must be per-example, with a leading axis of the "
-                    f"batch size {per_replica}; got shape {value.shape}"
+                    f"batch size {rows}; got shape {value.shape}"
                 )
+            if None in (rows, value.shape[0]):
+                with tf.control_dependencies(
+                    [tf.debugging.assert_equal(tf.shape(value)[0], tf.shape(x)[0], name)]
+                ):
+                    value = tf.identity(value)
             dtypes[name] = value.dtype
             sendable[name] = tf.cast(value, tf.int32) if value.dtype in _GATHER_AS_INT32 else value
         return sendable
 
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def step(x, y, index, *args):
         outputs = strategy.run(replica_fn, args=(x, y, index, *args))
         return {k: strategy.gather(v, axis=0) for k, v in outputs.items()}
 
     def run(x, y, index, args):
+        per_replica = len(x) // replicas
+
         def value_fn(context):
             rows = slice(
                 context.replica_id_in_sync_group * per_replica,
@@ -251,26 +269,45 @@ def _make_step(strategy, fn, per_replica):
         outputs = step(*strategy.experimental_distribute_values_from_function(value_fn), *args)
         return {k: v.numpy().astype(dtypes[k].as_numpy_dtype) for k, v in outputs.items()}
 
+    run.replicas = replicas
     return run
 
 
-def _run_shard(step, examples, args, start, end, global_batch):
-    """Computes the examples `[start, end)` batch by batch; returns their results, in order.
+def _run_shard(step, examples, args, span, per_replica):
+    """Computes the examples `[start, end)` = `span` batch by batch; returns their results.
 
-    `examples` holds the images, labels and indices; the indices' padding is `PAD_INDEX`.
+    `examples` holds the images, labels and indices (the indices' padding is
+    `PAD_INDEX`); every batch but the last has `per_replica` rows per replica.
     """
     images, labels, indices = examples
+    (start, end), replicas = span, step.replicas
+    global_batch = per_replica * replicas
     parts = []
     for begin in range(start, end, global_batch):
         stop = min(begin + global_batch, end)
+        rows = replicas * _padded_rows(math.ceil((stop - begin) / replicas), per_replica)
         outputs = step(
-            _pad_rows(images[begin:stop], global_batch, 0),
-            _pad_rows(labels[begin:stop], global_batch, 0),
-            _pad_rows(indices[begin:stop], global_batch, PAD_INDEX),
+            _pad_rows(images[begin:stop], rows, 0),
+            _pad_rows(labels[begin:stop], rows, 0),
+            _pad_rows(indices[begin:stop], rows, PAD_INDEX),
             args,
         )
         parts.append({k: v[: stop - begin] for k, v in outputs.items()})  # drop the padding
     return _concatenate(parts)
+
+
+def _padded_rows(needed, per_replica):
+    """Rows per replica for a batch that needs `needed`: `ROW_GRANULE` times a power of two.
+
+    A full batch is `per_replica` rows. A smaller one is padded to the next of
+    8, 16, 32, ... rows (at most twice what it needs): few distinct shapes, so
+    the kernels compiled and the memory they cache stop growing after the first
+    batches, while a small last batch does not cost a full one.
+    """
+    rows = ROW_GRANULE
+    while rows < needed:
+        rows *= 2
+    return min(rows, per_replica)
 
 
 def _pad_rows(array, rows, value):

@@ -4,7 +4,8 @@ Each part is the `evaluation.Evaluator.run()` result of consecutive examples
 (a shard of a split). `merge` concatenates the per-example results in order
 and merges the rest by kind:
 
-- counts (ints) and seconds (the `timing` table, `seconds` fields) are summed;
+- counts (ints, even when every part has the same) and seconds (the `timing`
+  table, `seconds` fields) are summed;
 - accuracies (fractions of the part's examples, or of its row's `n`) are
   recombined from their exact counts, so they equal the fraction over all
   examples bit for bit;
@@ -12,6 +13,10 @@ and merges the rest by kind:
 - a text the parts disagree on (a choice a part made from its own examples,
   such as the threat model a convergence check reran) lists each value with
   its number of examples.
+
+Summaries an `Evaluator` computes on its first examples only (`FIRST_EXAMPLES`,
+e.g. each backward pass's distance from the end-to-end gradient) are taken from
+the first part, which holds the split's first examples, as an in-memory run's.
 
 Then `evaluation.finalize` recomputes everything derived from the per-example
 results (headline, rows, convergence verdicts). Anything else the parts
@@ -31,6 +36,8 @@ from absl import logging
 from s2s_tf.robustness import evaluation
 
 _SUMMED_FLOATS = ("timing", "seconds")
+# Results an Evaluator computes from its first examples (the gradient guard's batch).
+FIRST_EXAMPLES = ("gradient_difference",)
 
 
 class _Unmerged:
@@ -64,11 +71,15 @@ def merge(parts, config):
     if not all(isinstance(n, int) and n > 0 for n in sizes):
         raise ValueError(f"every shard needs a positive num_examples, got {sizes}")
     per_example, dropped = _concatenate([p["per_example"] for p in parts], sizes, config)
-    rest = [{k: v for k, v in part.items() if k != "per_example"} for part in parts]
+    first = {k: parts[0][k] for k in FIRST_EXAMPLES if k in parts[0]}
+    rest = [
+        {k: v for k, v in part.items() if k != "per_example" and k not in first} for part in parts
+    ]
     for part in rest:  # the runs' counts of runs left out go with them
         for key in dropped:
             part.get("runs", {}).pop(key, None)
     merged = _merge(rest, sizes, "")
+    merged.update(first)
     merged["per_example"] = per_example
     if dropped:
         merged["runs_not_in_every_shard"] = dropped
@@ -117,9 +128,6 @@ def _counts_in_headline(run, config):
 
 def _merge(values, weights, path):
     """Merges the parts' values at `path` (see the module docstring for the rules)."""
-    first = values[0]
-    if all(_same(v, first) for v in values[1:]):
-        return first
     if all(isinstance(v, dict) for v in values):
         if all(isinstance(v.get("n"), int) for v in values):
             weights = [v["n"] for v in values]
@@ -130,10 +138,13 @@ def _merge(values, weights, path):
             merged[key] = _merge([v for v, _ in have], [w for _, w in have], f"{path}/{key}")
         return merged
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return sum(values)
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        if any(name in path.split("/") for name in _SUMMED_FLOATS):
-            return math.fsum(values)
+        return sum(values)  # counts, even when every part has the same
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if numbers and any(name in path.split("/") for name in _SUMMED_FLOATS):
+        return math.fsum(values)
+    if all(_same(v, values[0]) for v in values[1:]):
+        return values[0]  # a setting, a name, or a fraction every part shares
+    if numbers:
         return _fraction(values, weights, path)
     if all(isinstance(v, str) for v in values):
         examples = {}

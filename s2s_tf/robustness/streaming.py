@@ -187,18 +187,26 @@ def evaluate_split(
     )
     meter = _Meter(total, ranges, files, progress, summary_dir, worker)
     _calibrate(models, data, config)
+    # One ShardedAttacks for every shard: its compiled steps serve them all.
+    sharded = None
+    if strategy is not None:
+        sharded = sharded_lib.ShardedAttacks(
+            strategy,
+            config.batch_size,
+            config.seed,
+            model_key=model_key,
+            settings=sharded_lib.settings_key(config),
+        )
     for index, images, labels in input_pipeline.read_shards(data, stream.shard_size, wanted=todo):
         start, end = ranges[index]
-        # With a strategy, the runs finished inside a shard survive a kill in its middle.
-        runs_dir = None
-        if strategy is not None:
-            runs_dir = os.path.join(shard_dir, "runs", f"{files.fingerprint}-{start}-{end}")
-        results = _evaluate_shard(
-            models, images, labels, config, start, strategy, runs_dir, model_key, progress
-        )
+        if sharded is not None:  # the runs finished inside a shard survive a kill in its middle
+            sharded.shard_dir = os.path.join(
+                shard_dir, "runs", f"{files.fingerprint}-{start}-{end}"
+            )
+        results = _evaluate_shard(models, images, labels, config, start, sharded, progress)
         files.write(start, end, results)
-        if runs_dir:
-            _delete(runs_dir)
+        if sharded is not None:
+            _delete(sharded.shard_dir)
         meter.shard_done(start, end)
     if worker.index != 0:
         return None
@@ -221,7 +229,7 @@ def _calibrate(models, data, config):
     models.calibrate(images[: config.surrogate_calibration_examples])
 
 
-def _evaluate_shard(models, images, labels, config, start, strategy, runs_dir, model_key, progress):
+def _evaluate_shard(models, images, labels, config, start, sharded, progress):
     """The results of one `Evaluator` over the shard's examples (their indices from `start`)."""
     end = start + len(images)
     gradient_free = config.gradient_free_examples
@@ -230,16 +238,6 @@ def _evaluate_shard(models, images, labels, config, start, strategy, runs_dir, m
     shard_config = dataclasses.replace(
         config, num_examples=None, gradient_free_examples=gradient_free
     )
-    sharded = None
-    if strategy is not None:
-        sharded = sharded_lib.ShardedAttacks(
-            strategy,
-            config.batch_size,
-            config.seed,
-            shard_dir=runs_dir,
-            model_key=model_key,
-            settings=sharded_lib.settings_key(config),
-        )
     evaluator = evaluation.Evaluator(
         models,
         images,

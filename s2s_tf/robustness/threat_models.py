@@ -179,7 +179,10 @@ register(
         "gradient-free (score-based, forward passes only)",
         lambda models, config: models.defended,
         lambda config: config.gradient_free_attacks,
-        num_examples=lambda config, n: min(n, config.gradient_free_examples or n),
+        # None: every example; 0 (a shard past the first ones): none.
+        num_examples=lambda config, n: (
+            n if config.gradient_free_examples is None else min(n, config.gradient_free_examples)
+        ),
         steps=lambda config: config.gradient_free_queries,
         gradient=False,
     )
