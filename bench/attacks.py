@@ -1,11 +1,12 @@
-r"""Benchmark: compiled PGD-k throughput vs one forward+backward and vs stock CleverHans PGD.
+r"""Benchmarks of the compiled attacks: PGD-k and Square against the model's own passes.
 
-    python bench/attacks.py
-    python bench/attacks.py --ae=tiny --batch_size=64 --steps=20 --json_out=/tmp/pgd.json
+    python bench/attacks.py                     # both
+    python bench/attacks.py --benches=pgd --ae=tiny --batch_size=64 --steps=20
+    python bench/attacks.py --benches=square --square_queries=1000 --json_out=/tmp/sq.json
 
-On one machine it builds the defended composite (`s2s_model.build_s2s_model`:
-an untrained SegNet autoencoder + small_cnn, 32 px by default) and measures, in
-images x steps per second on one fixed batch:
+PGD (--benches=pgd). On one machine it builds the defended composite
+(`s2s_model.build_s2s_model`: an untrained SegNet autoencoder + small_cnn, 32 px by
+default) and measures, in images x steps per second on one fixed batch:
 
 * ours: `runner.run_attack("pgd", ...)` with k steps (compiled once, cached;
   includes the numpy conversions and the final budget check);
@@ -14,9 +15,25 @@ images x steps per second on one fixed batch:
 * stock: CleverHans' `projected_gradient_descent` called eagerly with the same
   model, batch, eps, step and k (its per-step gradient is a `tf.function`).
 
-Calls are timed interleaved after warm-up calls and the median is reported.
 Goals: ours / floor >= 0.8 (the attack loop adds little to the model's cost)
 and ours / stock >= 2.
+
+Square (--benches=square). For each of --square_models (default: LeNet-5 at 28 px, and
+small_cnn behind the tiny autoencoder), in images x forward passes per second:
+
+* square: `runner.run_attack("square", ...)` with --square_queries queries (k + 2 forward
+  passes: the clean batch, the stripes, one per query), labels = the model's predictions;
+* forward, chained: k + 2 forward passes of the batch in one `tf.while_loop`, each input
+  depending on the previous logits (sequential, as Square's queries are);
+* forward, call: one forward pass per `tf.function` call;
+* forward, independent: as chained but the passes do not depend on each other, so they
+  may overlap on several cores (shown, not the goal's floor).
+
+Goal: square / the faster sequential forward >= 0.8, in wall time (CPU time is shown too;
+it is steadier on a shared machine). The run fails if Square fooled every example, since
+it then stops early and its rate would be overstated.
+
+Calls are timed interleaved after warm-up calls and the median is reported.
 """
 
 import statistics
@@ -66,6 +83,30 @@ def build_model():
     return s2s_model.build_s2s_model(autoencoder, classifier)
 
 
+def time_interleaved(calls):
+    """Times each callable, interleaved after warm-up calls.
+
+    Returns:
+        (wall seconds of each timed call, wall seconds of the first call, process CPU
+        seconds of each timed call), each a dict by name.
+    """
+    times = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    first = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call()
+        first[name] = time.perf_counter() - start
+    for repeat in range(FLAGS.warmup_calls - 1 + FLAGS.timed_calls):
+        for name, call in calls.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            call()
+            if repeat >= FLAGS.warmup_calls - 1:
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return times, first, cpu
+
+
 def measure(model, images, labels):
     """Times ours, the floor and stock, interleaved; returns seconds per call of each."""
     k, eps = FLAGS.steps, FLAGS.eps
@@ -96,18 +137,7 @@ def measure(model, images, labels):
             sanity_checks=False,
         ).numpy(),
     }
-    times = {name: [] for name in calls}
-    first = {}
-    for name, call in calls.items():
-        start = time.perf_counter()
-        call()
-        first[name] = time.perf_counter() - start
-    for repeat in range(FLAGS.warmup_calls - 1 + FLAGS.timed_calls):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if repeat >= FLAGS.warmup_calls - 1:
-                times[name].append(time.perf_counter() - start)
+    times, first, _ = time_interleaved(calls)
     return times, first
 
 
@@ -151,9 +181,8 @@ def report(results):
     bench_util.print_report(lines, m)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def run_pgd():
+    """The PGD benchmark: builds the composite, measures, prints and returns the numbers."""
     keras.utils.set_random_seed(0)
     model = build_model()
     rng = np.random.default_rng(0)
@@ -187,6 +216,188 @@ def main(argv):
         "ours_over_stock": results["ours_over_stock"] >= STOCK_GOAL,
     }
     report(results)
+    return results
+
+
+# --- Square: queries x examples per second against forward passes of the same model ---------
+
+SQUARE_GOAL = 0.8
+flags.DEFINE_list("benches", ["pgd", "square"], "Benchmarks to run, of: pgd, square.")
+flags.DEFINE_list(
+    "square_models",
+    ["lenet5", "tiny_ae+small_cnn"],
+    "Square's models: a classifier registry name, or tiny_ae+<name> for it behind the tiny "
+    "autoencoder.",
+)
+flags.DEFINE_integer("square_image_size", 28, "Square's square image size.", lower_bound=8)
+flags.DEFINE_integer("square_batch_size", 100, "Square's images per batch.", lower_bound=1)
+flags.DEFINE_integer("square_queries", 300, "Square's queries (steps).", lower_bound=1)
+flags.DEFINE_float(
+    "square_eps",
+    1.0 / 255.0,
+    "Square's L-inf budget; small, so that some examples survive every query (the attack "
+    "stops once all are fooled, which would shorten the timed work; this is checked).",
+)
+
+
+def build_square_model(name):
+    """A classifier at Square's image size, or it behind the tiny autoencoder."""
+    shape = (FLAGS.square_image_size, FLAGS.square_image_size, 3)
+    behind_ae = name.startswith("tiny_ae+")
+    classifier = classifiers.build_classifier_with_preprocessing(
+        name.removeprefix("tiny_ae+"), shape, FLAGS.num_classes
+    )
+    if not behind_ae:
+        return classifier
+    config = ae_lib.AutoencoderConfig(stage_widths=bench_util.AE_PRESETS["tiny"])
+    return s2s_model.build_s2s_model(
+        ae_lib.build_autoencoder(config, input_shape=shape), classifier
+    )
+
+
+def square_calls(model, images, labels):
+    """Square through the runner, and forward passes of the same batch, as timed callables."""
+    k, x = FLAGS.square_queries, tf.constant(images)
+    passes = k + 2  # Square's: the clean batch, the stripes, then one per query
+
+    def loop(chained):
+        @tf.function
+        def forward_loop(x):
+            def body(i, x_i, total):
+                logits = tf.cast(model(x_i), tf.float32)
+                # Chained: the next input depends on these logits, so the passes run one
+                # after the other, as Square's queries must. Otherwise the input moves with
+                # i only, and TensorFlow may overlap passes of different iterations.
+                nudge = tf.reduce_mean(logits) if chained else tf.cast(i, tf.float32)
+                return i + 1, x + 1e-9 * nudge, total + tf.reduce_sum(logits)
+
+            start = (tf.constant(0), x, tf.constant(0.0))
+            return tf.while_loop(lambda i, *_: i < passes, body, start)[2]
+
+        return lambda: forward_loop(x).numpy()
+
+    forward = tf.function(lambda x: model(x))
+    eps = FLAGS.square_eps
+    return {
+        "square": lambda: runner.run_attack(
+            "square", model, images, labels, eps, steps=k, batch_size=len(images)
+        ),
+        "forward_chained": loop(chained=True),
+        "forward_call": lambda: forward(x).numpy(),
+        "forward_overlapped": loop(chained=False),
+    }
+
+
+def _rates(seconds, n, k):
+    work = {"forward_call": 1}
+    return {key: work.get(key, k + 2) * n / statistics.median(t) for key, t in seconds.items()}
+
+
+def run_square_one(name):
+    """Square's throughput on one model against forward passes of it."""
+    keras.utils.set_random_seed(0)
+    model = build_square_model(name)
+    size, n, k = FLAGS.square_image_size, FLAGS.square_batch_size, FLAGS.square_queries
+    images = np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32)
+    # The model's own predictions: every example starts correctly classified.
+    labels = runner.predict(model, images).astype(np.int32)
+    times, first, cpu = time_interleaved(square_calls(model, images, labels))
+    adv = runner.run_attack("square", model, images, labels, FLAGS.square_eps, steps=k)
+    fooled = float(np.mean(runner.predict(model, adv) != labels))
+    if fooled == 1.0:
+        raise RuntimeError(
+            f"square fooled every example of {name}, so it may have stopped before {k} "
+            "queries and its rate would be overstated; lower --square_eps"
+        )
+    rates, cpu_rates = _rates(times, n, k), _rates(cpu, n, k)
+    ratios = {}
+    for label, r in (("wall", rates), ("cpu", cpu_rates)):
+        # Square's queries are sequential: the floor is sequential forward passes.
+        ratios[label] = r["square"] / max(r["forward_chained"], r["forward_call"])
+    ratios["wall_vs_overlapped"] = rates["square"] / rates["forward_overlapped"]
+    return {
+        "parameters": model.count_params(),
+        "rates": rates,
+        "cpu_rates": cpu_rates,
+        "seconds_per_call": times,
+        "cpu_seconds_per_call": cpu,
+        "first_call_seconds": first,
+        "fooled": fooled,
+        "square_over_forward": ratios,
+        "pass": ratios["wall"] >= SQUARE_GOAL,
+    }
+
+
+def square_report(results):
+    m, c = results["machine"], results["config"]
+    lines = [
+        "",
+        f"Square ({c['queries']} queries, {c['queries'] + 2} forward passes) against forward "
+        "passes of the same model and batch",
+        f"  machine   {m['cpus_usable']} usable CPUs, {m['cpu_model']}; device {m['device']}",
+        f"            TensorFlow {m['tensorflow']}, Keras {m['keras']}",
+        f"  config    {c['image_size']} px, batch {c['batch_size']}, eps {c['eps']:.4f}",
+        "",
+        f"  {'model':<32}{'measurement':<40}{'img*fwd/s':>10}{'ms/fwd':>8}{'cpu ms':>8}",
+    ]
+    labels = {
+        "square": "square (run_attack, compiled)",
+        "forward_chained": "forward, chained, in one while_loop",
+        "forward_call": "forward, one per tf.function call",
+        "forward_overlapped": "forward, independent, in one while_loop",
+    }
+    batch = c["batch_size"]
+    for name, r in results["models"].items():
+        for key, label in labels.items():
+            rate, cpu_ms = r["rates"][key], 1000.0 * batch / r["cpu_rates"][key]
+            shown = f"{name} ({r['parameters']:,} p.)" if key == "square" else ""
+            lines.append(
+                f"  {shown:<32}{label:<40}{rate:>10.0f}{1000.0 * batch / rate:>8.2f}{cpu_ms:>8.2f}"
+            )
+        ratio = r["square_over_forward"]
+        lines += [
+            f"  {'':<32}square / sequential forward  {ratio['wall']:6.3f}  goal >= {SQUARE_GOAL} "
+            f"{_verdict(ratio['wall'], SQUARE_GOAL)}  (fooled {r['fooled']:.0%})",
+            f"  {'':<32}  in CPU time {ratio['cpu']:6.3f}; against independent passes "
+            f"{ratio['wall_vs_overlapped']:6.3f}",
+        ]
+    lines += [
+        "",
+        f"  timed: {c['timed_calls']} calls each, median. Square's queries depend on each other,",
+        "  so the goal is against sequential passes (the faster of chained and one per call);",
+        "  independent passes can overlap on several cores.",
+    ]
+    bench_util.print_report(lines, m)
+
+
+def run_square():
+    """The Square benchmark on each of --square_models; prints and returns the numbers."""
+    results = {
+        "machine": bench_util.machine_info(),
+        "models": {name: run_square_one(name) for name in FLAGS.square_models},
+        "goal": SQUARE_GOAL,
+        "config": {
+            "image_size": FLAGS.square_image_size,
+            "batch_size": FLAGS.square_batch_size,
+            "queries": FLAGS.square_queries,
+            "eps": FLAGS.square_eps,
+            "timed_calls": FLAGS.timed_calls,
+        },
+    }
+    square_report(results)
+    return results
+
+
+BENCHES = {"pgd": run_pgd, "square": run_square}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    unknown = sorted(set(FLAGS.benches) - set(BENCHES))
+    if unknown:
+        raise app.UsageError(f"Unknown --benches {unknown}; choose from {sorted(BENCHES)}")
+    results = {name: BENCHES[name]() for name in FLAGS.benches}
     bench_util.write_json(results, FLAGS.json_out)
 
 
