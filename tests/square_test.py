@@ -254,6 +254,23 @@ class SquareTest(tf.test.TestCase, parameterized.TestCase):
         c = self.attack(self.x[:8], self.y[:8], tf.constant(0.08), tf.constant([7, 6]))
         self.assertNotAllClose(a, c)
 
+    def test_unknown_batch_size_matches_static(self):
+        # The runner retraces with an unknown batch size once it sees a second batch shape.
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, *SHAPE], tf.float32),
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, 2], tf.int64),
+            ]
+        )
+        def attack(x, y, seeds):
+            return square.square_linf(self.model, x, y, 0.08, steps=120, seed=seeds)
+
+        seeds = tf.constant([[1, 5], [2, 6], [3, 7]], tf.int64)
+        static = square.square_linf(self.model, self.x[:3], self.y[:3], 0.08, steps=120, seed=seeds)
+        self.assertAllEqual(attack(self.x[:3], self.y[:3], seeds), static)
+        self.assertAllEqual(attack(self.x[:2], self.y[:2], seeds[:2]), static[:2])
+
     def test_eager_matches_compiled(self):
         eager = square.square_linf(
             self.model, self.x[:4], self.y[:4], 0.08, steps=QUERIES, seed=[3, 4]
