@@ -293,6 +293,14 @@ class EvaluatorTest(tf.test.TestCase):
         self.assertGreater(fooled["surrogate@1"], fooled["white_box"])
         rerun = runs[evaluation.run_key("check_more_steps", "pgd", 32 / 255)]
         self.assertEqual(rerun["source"], "surrogate@1")
+        # Only the examples the base run left robust are attacked again.
+        base = runs[evaluation.run_key("surrogate@1", "pgd", 32 / 255)]
+        self.assertEqual(rerun["attacked"], base["attacked"] - base["fooled"])
+        base_examples = results["per_example"][evaluation.run_key("check_base", "pgd", 32 / 255)]
+        rerun_examples = results["per_example"][
+            evaluation.run_key("check_more_steps", "pgd", 32 / 255)
+        ]
+        self.assertTrue(all(r <= b for r, b in zip(rerun_examples, base_examples, strict=True)))
         self.assertEqual(results["convergence"]["32/255"]["source"], "surrogate@1")
         large = runs[evaluation.run_key("check_large_eps", "pgd", config.large_eps)]
         self.assertEqual(large["source"], "surrogate@1")

@@ -97,7 +97,9 @@ class Cascade:
           robust: per example, robust after every earlier run at this eps.
           full: attack every clean-correct example (else only the `robust` ones).
           **kw: `key` (the run key, default from variant/attack/eps), `overrides`
-            (attack parameters), `record_as` (the threat name of the row).
+            (attack parameters), `record_as` (the threat name of the row), `only`
+            (bool [N]: attack exactly these examples) and `floor` (bool [N]: the
+            per-example result of the examples not attacked, default clean).
 
         Returns:
           The run's info dict (also stored in `results["runs"]`).
@@ -107,7 +109,8 @@ class Cascade:
         clean = ev.clean["defended"]
         candidates = clean | ev.clean["classifier"] if threat.score_classifier else clean
         limit = threat.num_examples(config, len(clean))
-        indices = np.flatnonzero((candidates if full else robust)[:limit])
+        todo = kw.get("only", candidates if full else robust)
+        indices = np.flatnonzero(todo[:limit])
         overrides = dict(kw.get("overrides", {}))
         if threat.steps and not attacks_lib.get_spec(attack).own_schedule:
             overrides.setdefault("steps", threat.steps(config))
@@ -121,7 +124,7 @@ class Cascade:
         correct = {k: np.ones(0, bool) for k in scored}
         if len(indices):
             correct = ev.run_attack(key, attack, model_fn, eps, indices, scored, **overrides)
-        survived = clean.copy()
+        survived = clean.copy() if "floor" not in kw else kw["floor"].copy()
         survived[indices] &= correct["defended"]
         fooled = ~correct["defended"] & clean[indices]
         new = int(np.sum(robust[indices] & fooled))
@@ -148,13 +151,19 @@ class Cascade:
         return info
 
     def _convergence(self, strongest, eps, robust):
-        """Reruns the strongest reference run with twice the steps and with more restarts."""
+        """Reruns the strongest reference run with twice the steps and with more restarts.
+
+        Only on the examples it left robust (its fooled ones need no second try).
+        """
         config, attack = self.config, self.config.check_attack
         threat, model_fn = self.sources[strongest]
         per_example = self.ev.results["per_example"]
-        per_example[run_key(CHECK_BASE, attack, eps)] = list(
-            per_example[run_key(strongest, attack, eps)]
-        )
+        base = list(per_example[run_key(strongest, attack, eps)])
+        per_example[run_key(CHECK_BASE, attack, eps)] = base
+        # The reruns attack the examples the base run left robust; the others keep the
+        # base's result, so a rerun can only add fooled examples and the paired test is
+        # one-sided (it flags "not converged" sooner, never later).
+        base = np.asarray(base, bool)
         reruns = (
             (MORE_STEPS, {"steps": 2 * config.steps}),
             (MORE_RESTARTS, {"restarts": config.restarts + config.check_extra_restarts}),
@@ -170,6 +179,8 @@ class Cascade:
                 key=run_key(name, attack, eps),
                 overrides=overrides,
                 record_as=name,
+                only=base,
+                floor=base,
             )
 
     def _large_eps(self, strongest):

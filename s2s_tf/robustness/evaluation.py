@@ -16,8 +16,10 @@ The runs at each eps, in order:
    same worst case as running every attack on every example, in less time;
    `cascade=False` runs the full matrix);
 3. convergence: the reference run that fooled the most is rerun with twice the
-   steps and with more restarts; when more effort still fools significantly
-   more examples (exact McNemar), the headline is marked not converged;
+   steps and with more restarts, on the examples it left robust; when more
+   effort still fools significantly more examples (exact McNemar, one-sided
+   since the reruns keep what the base run fooled), the headline is marked
+   not converged;
 and once: the large-eps runs (the strongest threat model and the surrogate
 must reach ~0 %), and the transfer matrix.
 
