@@ -33,6 +33,10 @@ Goal: square / the faster sequential forward >= 0.8, in wall time (CPU time is s
 it is steadier on a shared machine). The run fails if Square fooled every example, since
 it then stops early and its rate would be overstated.
 
+Cascade (--benches=cascade, `cascade_bench.py`): one evaluation with the AutoAttack-style
+cascade and one with every attack on every example, on the main job's trained models; their
+times and the check that both give the same per-example worst case.
+
 Calls are timed interleaved after warm-up calls and the median is reported.
 """
 
@@ -40,6 +44,7 @@ import statistics
 import time
 
 import bench_util
+import cascade_bench
 import keras
 import numpy as np
 import tensorflow as tf
@@ -222,7 +227,9 @@ def run_pgd():
 # --- Square: queries x examples per second against forward passes of the same model ---------
 
 SQUARE_GOAL = 0.8
-flags.DEFINE_list("benches", ["pgd", "square"], "Benchmarks to run, of: pgd, square.")
+flags.DEFINE_list(
+    "benches", ["pgd", "square"], "Benchmarks to run, of: pgd, square, cascade (trained models)."
+)
 flags.DEFINE_list(
     "square_models",
     ["lenet5", "tiny_ae+small_cnn"],
@@ -388,7 +395,7 @@ def run_square():
     return results
 
 
-BENCHES = {"pgd": run_pgd, "square": run_square}
+BENCHES = {"pgd": run_pgd, "square": run_square, "cascade": cascade_bench.run_cascade}
 
 
 def main(argv):
