@@ -95,7 +95,7 @@ class EvaluateMainTest(unittest.TestCase):
 
     def test_the_split_streams_in_shards(self):
         outdir = os.path.join(self.workdir, "one")
-        self.assertLen(_shard_files(outdir), 3)  # 13 examples in shards of 5
+        self.assertEqual(len(_shard_files(outdir)), 3)  # 13 examples in shards of 5
         self.assertEqual(self.one["num_examples"], 13)
 
     def test_two_replicas_give_the_one_replica_results(self):
@@ -118,7 +118,7 @@ class EvaluateMainTest(unittest.TestCase):
         for worker in workers:
             _, stderr = worker.communicate(timeout=900)
             self.assertEqual(worker.returncode, 0, stderr[-3000:])
-        self.assertLen(_shard_files(outdir), 3)
+        self.assertEqual(len(_shard_files(outdir)), 3)
         with open(os.path.join(outdir, "robustness.json")) as f:
             self._assert_same(json.load(f)["results"])
 

@@ -133,16 +133,20 @@ class StreamTest(tf.test.TestCase):
         _, model_path, folder, reference = _Fixture.get()
         shard_dir = _tmpdir(self)
         stream = streaming.StreamConfig(shard_size=SHARD)
-        lines = []
+        lines, summaries = [], os.path.join(shard_dir, "tensorboard")
         results = streaming.evaluate_split(
             load_models(model_path), data_config(folder, SIZE), CONFIG, shard_dir,
-            stream=stream, progress=lines.append,
+            stream=stream, progress=lines.append, summary_dir=summaries,
         )  # fmt: skip
         self.assertEqual(comparable(results), reference)
         self.assertLen([n for n in os.listdir(shard_dir) if n.startswith("examples-")], 4)
         done = [line for line in lines if line.startswith("shard [")]
         self.assertLen(done, 4)
         self.assertRegex(done[-1], r"23/23 examples \(100%\) \| .* examples/s \| ETA 0h00m00s")
+        scalars = _scalars(summaries)
+        self.assertEqual(scalars["eval_progress/examples_done"], [7, 14, 21, 23])
+        self.assertLen(scalars["eval_progress/examples_per_second"], 4)
+        self.assertEqual(scalars["eval_progress/eta_seconds"][-1], 0.0)
         # A rerun reads every shard back: no Evaluator runs.
         original, calls = evaluation.Evaluator.run, []
         evaluation.Evaluator.run = lambda self: calls.append(self) or original(self)
@@ -155,6 +159,17 @@ class StreamTest(tf.test.TestCase):
             evaluation.Evaluator.run = original
         self.assertEmpty(calls)
         self.assertEqual(comparable(again), reference)
+
+
+def _scalars(directory):
+    """tag -> values of the scalar summaries in the event files under `directory`."""
+    values = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            for record in tf.data.TFRecordDataset(os.path.join(root, name)):
+                for value in tf.compat.v1.Event.FromString(record.numpy()).summary.value:
+                    values.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    return values
 
 
 def _run_worker(args, wait=True):
