@@ -74,10 +74,11 @@ class EvalConfig:
         relative to each pool's measured scale (`surrogates.calibrate`), each
         a threat model of its own ("surrogate@1").
       surrogate_calibration_examples: the first examples that set the scales.
-      check_attack: the reference attack (default: the first of `attacks`): it runs on every example in every
-        gradient threat model (paired runs for the masking checks), and the
-        convergence checks rerun it, on the threat model where it fooled the
-        most, with twice the steps and with more restarts.
+      check_attack: the reference attack (default: the first of `attacks`):
+        it runs on every example in every gradient threat model (paired runs
+        for the masking checks), and the convergence checks rerun it, on the
+        threat model where it fooled the most, with twice the steps and with
+        more restarts.
       check_extra_restarts: restarts the convergence check adds to `restarts`.
       large_eps: the budget at which the strongest attack must reach ~0 %.
       transfer_attack: the attack that makes the transfer matrix.
