@@ -8,6 +8,8 @@
   results, no finished shard attacked again, each missing shard by one worker
   (the attack calls are logged); memory stays flat over the shards, while the
   in-memory path holds the split.
+- `SurrogateTest`: the surrogate's scales are measured once, on the split's first
+  examples, as an in-memory run measures them.
 - `PartsTest`: shard ranges, workers, TF_CONFIG, shard files, the streamed reader.
 """
 
@@ -159,6 +161,32 @@ class StreamTest(tf.test.TestCase):
             evaluation.Evaluator.run = original
         self.assertEmpty(calls)
         self.assertEqual(comparable(again), reference)
+
+
+class SurrogateTest(tf.test.TestCase):
+    def test_the_surrogate_is_calibrated_once_for_every_shard(self):
+        _, model_path, folder, _ = _Fixture.get()
+        config = dataclasses.replace(
+            CONFIG, threat_models=("surrogate",), surrogate_temperatures=(1.0,)
+        )
+        data = data_config(folder, SIZE)
+        images, labels = data_lib.load_numpy(data)
+        reference = evaluation.Evaluator(
+            load_models(model_path), images, labels, config, lambda line: None
+        ).run()
+        self.assertNotEmpty(reference["surrogate_scales"])
+        results = streaming.evaluate_split(
+            load_models(model_path), data, config, _tmpdir(self),
+            stream=streaming.StreamConfig(shard_size=SHARD), progress=lambda line: None,
+        )  # fmt: skip
+        # Scales measured per shard would differ between shards (and fail to merge).
+        self.assertEqual(results["surrogate_scales"], reference["surrogate_scales"])
+        # The gradients' distance is measured on an Evaluator's first 32 examples: the
+        # first shard's 7 here, so it is the one number allowed to differ.
+        results, reference = comparable(results), comparable(reference)
+        self.assertNotEqual(results.pop("gradient_difference"), {})
+        reference.pop("gradient_difference")
+        self.assertEqual(results, reference)
 
 
 def _scalars(directory):

@@ -15,8 +15,9 @@ and merges the rest by kind:
   its number of examples.
 
 Summaries an `Evaluator` computes on its first examples only (`FIRST_EXAMPLES`,
-e.g. each backward pass's distance from the end-to-end gradient) are taken from
-the first part, which holds the split's first examples, as an in-memory run's.
+e.g. each backward pass's distance from the end-to-end gradient, on its first
+32) are taken from the first part, which holds the split's first examples: an
+in-memory run's value when the first part holds as many (shards of 32 or more).
 
 Then `evaluation.finalize` recomputes everything derived from the per-example
 results (headline, rows, convergence verdicts). Anything else the parts

@@ -22,6 +22,13 @@ of workers computes only the missing ones. Worker 0 waits until every shard
 exists, then merges them (`merge`: per-example results concatenated in order,
 counts summed, everything downstream recomputed by `evaluation.finalize`),
 which gives the numbers of one in-memory `Evaluator` run over the same examples.
+
+One caveat: the choices an `Evaluator` makes from its own examples (the
+threat model whose reference run fooled the most, which the convergence checks
+and the large-eps run attack again) are made per shard. With one gradient
+threat model every shard makes the same; with several, a shard may recheck
+another threat model than an in-memory run would, and the merged results say
+which, with the examples of each (`merging`).
 """
 
 import dataclasses
@@ -224,9 +231,11 @@ def _calibrate(models, data, config):
     """
     if "surrogate" not in config.threat_models or getattr(models, "scales", None) is not None:
         return
-    first = dataclasses.replace(data, num_examples=config.surrogate_calibration_examples)
-    images, _ = data_lib.load_numpy(first)
-    models.calibrate(images[: config.surrogate_calibration_examples])
+    count = config.surrogate_calibration_examples
+    if data.num_examples is not None:  # an in-memory run's images[:count] of a shorter split
+        count = min(count, data.num_examples)
+    images, _ = data_lib.load_numpy(dataclasses.replace(data, num_examples=count))
+    models.calibrate(images)
 
 
 def _evaluate_shard(models, images, labels, config, start, sharded, progress):
