@@ -105,6 +105,10 @@ class PhiloxTest(tf.test.TestCase, parameterized.TestCase):
 
         self.assertAllEqual(draw(SEEDS, tf.constant(5, tf.int64)), philox.uniform((4, 3), SEEDS, 5))
 
+    def test_same_numbers_under_xla(self):
+        draw = tf.function(lambda seeds: philox.uniform((4, 3), seeds, 9), jit_compile=True)
+        self.assertAllEqual(draw(tf.constant(SEEDS)), philox.uniform((4, 3), SEEDS, 9))
+
     def test_draws_look_uniform(self):
         # Equality with TensorFlow's draws is the real check; this one guards the float
         # conversion: the range, and the mean and spread of 12,000 draws.

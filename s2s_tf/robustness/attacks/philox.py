@@ -1,9 +1,9 @@
-"""TensorFlow's stateless Philox draws, batched over seeds: one seed per row, one op per step.
+"""TensorFlow's stateless Philox draws with one seed per row, computed for all rows at once.
 
 `tf.random.stateless_uniform` takes one seed, so drawing with a different seed per
 example (what makes an example's attack independent of its batch) needs a loop over the
-examples (`tf.map_fn`; `tf.vectorized_map` falls back to the same loop). Inside an
-attack's query loop that loop costs as much as the model. Here the same generator,
+examples (`tf.map_fn`; `tf.vectorized_map` falls back to the same loop): inside an
+attack's query loop, a few kernels per example per draw. Here the same generator,
 Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011),
 is written with elementwise integer ops, so the keys and counters of every row are one
 tensor and a draw for the whole batch is a few dozen vectorised ops.
@@ -14,9 +14,9 @@ The draws are bit-identical to TensorFlow's own (`alg="philox"`, outside XLA):
 so code that switches to it keeps its results. Under XLA, TensorFlow's kernels draw other
 numbers from the same seed; these ops draw the same numbers on every device and compiler.
 
-32-bit words are held in int64 tensors (values in [0, 2**32)): every kernel used
-(multiply, add, shift, and, xor on int64) exists on CPU, GPU and XLA, and the products
-are split so that none overflows.
+32-bit words are held in int64 tensors (values in [0, 2**32)), as int64 multiply, add,
+shift, and, xor have kernels on every device and under XLA (unlike uint32 multiplies
+on some); the products are split so that none overflows.
 """
 
 import tensorflow as tf

@@ -104,8 +104,11 @@ def _uniform_fn(seed, x):
 
 
 def _window_start(u, size, side):
-    """The window's first index, int32: a uniform integer in [0, size - side), 0 when the
-    window spans the image, as the reference's `random_int(0, size - side)`."""
+    """The window's first index (int32) from uniforms `u`, as the reference draws it.
+
+    A uniform integer in [0, size - side), 0 when the window spans the image, as the
+    reference's `random_int(0, size - side)`.
+    """
     top = size - side
     start = tf.cast(tf.floor(u * tf.cast(top, tf.float32)), tf.int32)
     return tf.clip_by_value(start, 0, tf.maximum(top - 1, 0))  # guards float rounding
@@ -157,6 +160,7 @@ def _query(setup, s):
 
 
 def _violation(setup, old, rows):
+    """The largest budget or range violation so far, with `rows` (a query's points) in it."""
     if not setup.trace:
         return old
     adv = tf.reshape(rows, tf.shape(setup.x))
