@@ -25,8 +25,9 @@ def define_flags():
 
 def config_from_flags():
     """Builds the `DemoConfig` from parsed flags."""
+    # The demo shows one batch as it is: no augmentation, whatever the flags say.
     data = data_lib.DataConfig(
-        **common_flags.data_config_kwargs(), split=FLAGS.split, augment=False
+        **{**common_flags.data_config_kwargs(), "split": FLAGS.split, "augment": "off"}
     )
     return demo.DemoConfig(data=data, **common_flags.model_config_kwargs())
 
