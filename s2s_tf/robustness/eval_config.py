@@ -188,7 +188,9 @@ PRESETS = {
         steps=50,
         target_classes=2,
         gradient_free_queries=1000,
-        surrogate_temperatures=(1.0,),
+        # On a trained main-job S2SNet (PGD/APGD through each temperature, 200 examples),
+        # 0.3 fooled the most at 4/255 and 8/255 (0.1 and 1 fewer).
+        surrogate_temperatures=(0.3,),
         check_extra_restarts=1,
     ),
 }
