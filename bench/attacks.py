@@ -233,8 +233,9 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "square_models",
     ["lenet5", "tiny_ae+small_cnn"],
-    "Square's models: a classifier registry name, or tiny_ae+<name> for it behind the tiny "
-    "autoencoder.",
+    "Square's models: a classifier registry name, or <preset>_ae+<name> for it behind an "
+    f"autoencoder, <preset> one of {sorted(bench_util.AE_PRESETS)} (the main job's is "
+    "medium_ae+small_cnn).",
 )
 flags.DEFINE_integer("square_image_size", 28, "Square's square image size.", lower_bound=8)
 flags.DEFINE_integer("square_batch_size", 100, "Square's images per batch.", lower_bound=1)
@@ -248,15 +249,18 @@ flags.DEFINE_float(
 
 
 def build_square_model(name):
-    """A classifier at Square's image size, or it behind the tiny autoencoder."""
+    """A classifier at Square's image size, or it behind an autoencoder ("<preset>_ae+")."""
     shape = (FLAGS.square_image_size, FLAGS.square_image_size, 3)
-    behind_ae = name.startswith("tiny_ae+")
+    ae, _, classifier = name.rpartition("+")
     classifier = classifiers.build_classifier_with_preprocessing(
-        name.removeprefix("tiny_ae+"), shape, FLAGS.num_classes
+        classifier, shape, FLAGS.num_classes
     )
-    if not behind_ae:
+    if not ae:
         return classifier
-    config = ae_lib.AutoencoderConfig(stage_widths=bench_util.AE_PRESETS["tiny"])
+    preset = ae.removesuffix("_ae")
+    if preset not in bench_util.AE_PRESETS or not ae.endswith("_ae"):
+        raise app.UsageError(f"--square_models: {ae!r} is not one of the <preset>_ae names")
+    config = ae_lib.AutoencoderConfig(stage_widths=bench_util.AE_PRESETS[preset])
     return s2s_model.build_s2s_model(
         ae_lib.build_autoencoder(config, input_shape=shape), classifier
     )
@@ -345,7 +349,7 @@ def square_report(results):
         f"            TensorFlow {m['tensorflow']}, Keras {m['keras']}",
         f"  config    {c['image_size']} px, batch {c['batch_size']}, eps {c['eps']:.4f}",
         "",
-        f"  {'model':<32}{'measurement':<40}{'img*fwd/s':>10}{'ms/fwd':>8}{'cpu ms':>8}",
+        f"  {'model':<36}{'measurement':<40}{'img*fwd/s':>10}{'ms/fwd':>8}{'cpu ms':>8}",
     ]
     labels = {
         "square": "square (run_attack, compiled)",
@@ -359,13 +363,13 @@ def square_report(results):
             rate, cpu_ms = r["rates"][key], 1000.0 * batch / r["cpu_rates"][key]
             shown = f"{name} ({r['parameters']:,} p.)" if key == "square" else ""
             lines.append(
-                f"  {shown:<32}{label:<40}{rate:>10.0f}{1000.0 * batch / rate:>8.2f}{cpu_ms:>8.2f}"
+                f"  {shown:<36}{label:<40}{rate:>10.0f}{1000.0 * batch / rate:>8.2f}{cpu_ms:>8.2f}"
             )
         ratio = r["square_over_forward"]
         lines += [
-            f"  {'':<32}square / sequential forward  {ratio['wall']:6.3f}  goal >= {SQUARE_GOAL} "
+            f"  {'':<36}square / sequential forward  {ratio['wall']:6.3f}  goal >= {SQUARE_GOAL} "
             f"{_verdict(ratio['wall'], SQUARE_GOAL)}  (fooled {r['fooled']:.0%})",
-            f"  {'':<32}  in CPU time {ratio['cpu']:6.3f}; against independent passes "
+            f"  {'':<36}  in CPU time {ratio['cpu']:6.3f}; against independent passes "
             f"{ratio['wall_vs_overlapped']:6.3f}",
         ]
     lines += [
