@@ -76,14 +76,9 @@ def write_report(document, outdir, examples=None, histograms=None, plots=None):
     return paths
 
 
-def _pct(value):
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+# One formatting of percentages and markdown tables for the whole report.
+_pct = claims_report._pct
+_table = claims_report._table
 
 
 def markdown(document, files):
