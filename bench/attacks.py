@@ -235,7 +235,7 @@ flags.DEFINE_list(
     ["lenet5", "tiny_ae+small_cnn"],
     "Square's models: a classifier registry name, or <preset>_ae+<name> for it behind an "
     f"autoencoder, <preset> one of {sorted(bench_util.AE_PRESETS)} (the main job's is "
-    "medium_ae+small_cnn).",
+    "small_ae+small_cnn).",
 )
 flags.DEFINE_integer("square_image_size", 28, "Square's square image size.", lower_bound=8)
 flags.DEFINE_integer("square_batch_size", 100, "Square's images per batch.", lower_bound=1)

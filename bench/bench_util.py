@@ -12,6 +12,7 @@ from s2s_tf.models import autoencoder as ae_lib
 # Autoencoder stage widths the benchmarks can choose with --ae.
 AE_PRESETS = {
     "tiny": ((8,), (16,)),
+    "small": ((16, 16), (32, 32), (64, 64)),  # the main job's
     "medium": ((32, 32), (64, 64), (128, 128)),
     "vgg3": ae_lib.VGG16_STAGE_WIDTHS[:3],
 }

@@ -256,7 +256,9 @@ def measure_stream(spec):
     else:
         images, labels = data_lib.load_numpy(data)
         runs = sharded.ShardedAttacks(strategy, config.batch_size, config.seed)
-        results = evaluation.Evaluator(models, images, labels, config, lambda _: None, runs).run()
+        results = evaluation.Evaluator(
+            models, images, labels, config, lambda _: None, runs, choose_on=FLAGS.shard_size
+        ).run()
     seconds = time.perf_counter() - start
     headline = results["headline"][evaluation.eps_key(FLAGS.eps)]
     print(json.dumps({"seconds": seconds, "peak_rss_kb": peak_rss_kb(), "robust": headline}))

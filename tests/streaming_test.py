@@ -8,6 +8,8 @@
   results, no finished shard attacked again, each missing shard by one worker
   (the attack calls are logged); memory stays flat over the shards, while the
   in-memory path holds the split.
+- `ChoicesTest`: the threat model the checks rerun is chosen once, on the first
+  shard, and every shard reruns it, as an in-memory run choosing on those examples.
 - `SurrogateTest`: the surrogate's scales are measured once, on the split's first
   examples, as an in-memory run measures them.
 - `PartsTest`: shard ranges, workers, TF_CONFIG, shard files, the streamed reader.
@@ -30,6 +32,7 @@ from s2s_tf import data as data_lib
 from s2s_tf import testing_utils
 from s2s_tf.data import input_pipeline
 from s2s_tf.models import s2s_model
+from s2s_tf.robustness import cascade
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import sharded
 from s2s_tf.robustness import streaming
@@ -124,8 +127,9 @@ class _Fixture:
             data = data_config(folder, SIZE)
             images, labels = data_lib.load_numpy(data)
             reference = evaluation.Evaluator(
-                load_models(models["defended"]), images, labels, CONFIG, lambda line: None
-            ).run()
+                load_models(models["defended"]), images, labels, CONFIG, lambda line: None,
+                choose_on=SHARD,
+            ).run()  # fmt: skip
             cls._made = (root, models["defended"], folder, comparable(reference))
         return cls._made
 
@@ -161,6 +165,62 @@ class StreamTest(tf.test.TestCase):
             evaluation.Evaluator.run = original
         self.assertEmpty(calls)
         self.assertEqual(comparable(again), reference)
+
+
+class ChoicesTest(tf.test.TestCase):
+    def test_every_shard_rechecks_the_first_shards_choice(self):
+        """The strongest threat model is chosen once, on the first shard, for every shard.
+
+        The choice is rigged to depend on where an evaluation starts (index_offset),
+        so a shard that chose on its own examples would recheck another threat model
+        than the in-memory run, which chooses on the first shard's examples.
+        """
+        _, model_path, folder, _ = _Fixture.get()
+        config = dataclasses.replace(
+            CONFIG, threat_models=("white_box", "bpda"), gradient_free_attacks=()
+        )
+        data = data_config(folder, SIZE)
+        original = cascade.Cascade._most_fooled
+
+        def rigged(self, variants, eps):
+            variants = list(variants)
+            return variants[(self.ev.index_offset // SHARD) % len(variants)]
+
+        cascade.Cascade._most_fooled = rigged
+        try:
+            images, labels = data_lib.load_numpy(data)
+            reference = evaluation.Evaluator(
+                load_models(model_path), images, labels, config, lambda line: None,
+                choose_on=SHARD,
+            ).run()  # fmt: skip
+            shard_dir = _tmpdir(self)
+            results = streaming.evaluate_split(
+                load_models(model_path), data, config, shard_dir,
+                stream=streaming.StreamConfig(shard_size=SHARD), progress=lambda line: None,
+            )  # fmt: skip
+        finally:
+            cascade.Cascade._most_fooled = original
+        self.assertEqual(reference["choices"]["strongest"], {"8/255": "white_box"})
+        # The gradients' distance is measured on an Evaluator's first 32 examples (the
+        # first shard's 7 here): the one number allowed to differ (see SurrogateTest).
+        results, reference = comparable(results), comparable(reference)
+        self.assertNotEqual(results.pop("gradient_difference"), {})
+        reference.pop("gradient_difference")
+        self.assertEqual(results, reference)
+        for name in os.listdir(shard_dir):
+            if name.startswith("examples-"):
+                with open(os.path.join(shard_dir, name)) as f:
+                    self.assertEqual(json.load(f)["results"]["choices"], reference["choices"], name)
+
+    def test_given_choices_must_name_a_run_of_the_evaluation(self):
+        _, model_path, folder, _ = _Fixture.get()
+        images, labels = data_lib.load_numpy(data_config(folder, SIZE))
+        evaluator = evaluation.Evaluator(
+            load_models(model_path), images[:4], labels[:4], CONFIG, lambda line: None,
+            choices={"strongest": {"8/255": "bpda"}, "large_eps": ["bpda"]},
+        )  # fmt: skip
+        with self.assertRaisesRegex(ValueError, "'bpda'.*another evaluation"):
+            evaluator.run()
 
 
 class SurrogateTest(tf.test.TestCase):

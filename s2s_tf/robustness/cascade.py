@@ -2,6 +2,15 @@
 
 `Cascade(evaluator).run()` fills the evaluator's `results["per_example"]` and
 `results["runs"]` (see `evaluation` for the order of the runs and why).
+
+Two runs are chosen from results: the gradient threat model whose reference
+run fooled the most at each eps (the convergence checks rerun it) and the best
+surrogate temperature at the largest eps (the large-eps check runs it). They
+are chosen on the evaluation's first `Evaluator.choose_on` examples, or given
+(`Evaluator.choices`), and recorded in `results["choices"]`: so a split
+evaluated in shards, each shard given the first shard's choices, reruns the
+same threat model on every example as an in-memory run that chooses on the
+first shard's examples.
 Every gradient threat model's model is checked first: a gradient that is zero
 for a whole batch, or not finite, stops the evaluation with an error naming
 the threat model, instead of letting the attacks degrade to noise.
@@ -45,7 +54,8 @@ class Cascade:
     def run(self):
         """Every run at every eps, then the large-eps runs."""
         self._guard()
-        strongest = None
+        given = self.ev.choices
+        choices = self.ev.results["choices"] = {"strongest": {}, "large_eps": []}
         for eps in self.config.eps:
             robust = self.ev.clean["defended"].copy()
             references = {}
@@ -63,10 +73,42 @@ class Cascade:
                     full = not self.config.cascade
                     self._run(threat.name, threat, attack, model_fn, eps, robust, full=full)
             if references:
-                strongest = max(references, key=lambda v: references[v]["fooled"])
+                if given is not None:
+                    strongest = self._given(given["strongest"], eps_key(eps))
+                else:
+                    strongest = self._most_fooled(references, eps)
+                choices["strongest"][eps_key(eps)] = strongest
                 self._convergence(strongest, eps, robust)
-        if strongest is not None:
-            self._large_eps(strongest)
+        if choices["strongest"]:
+            largest = eps_key(max(self.config.eps))
+            if given is not None:
+                table = dict(enumerate(given["large_eps"]))
+                variants = [self._given(table, i) for i in table]
+            else:
+                variants = self._large_eps_variants(choices["strongest"][largest])
+            choices["large_eps"] = variants
+            self._large_eps(variants)
+
+    def _given(self, table, key):
+        """A given choice, checked against this evaluation's threat models."""
+        if key not in table or table[key] not in self.sources:
+            raise ValueError(
+                f"the given choices {table} have no run of this evaluation's threat models "
+                f"{list(self.sources)} for {key!r}: they come from another evaluation"
+            )
+        return table[key]
+
+    def _most_fooled(self, variants, eps):
+        """Of `variants`, the one whose reference run at `eps` fooled the most of the
+        first `choose_on` examples (the first in order on a tie)."""
+        per_example, limit = self.ev.results["per_example"], self.ev.choose_on
+        clean = self.ev.clean["defended"][:limit]
+
+        def fooled(variant):
+            survived = np.asarray(per_example[run_key(variant, self.config.check_attack, eps)])
+            return int(np.sum(clean & ~survived[:limit].astype(bool)))
+
+        return max(variants, key=fooled)
 
     def _guard(self):
         """Checks every gradient threat model; records how far each backward pass is from
@@ -183,17 +225,17 @@ class Cascade:
                 floor=base,
             )
 
-    def _large_eps(self, strongest):
-        """The strongest threat model and the best surrogate at `large_eps` (must reach ~0 %)."""
-        config, attack = self.config, self.config.check_attack
+    def _large_eps_variants(self, strongest):
+        """The strongest threat model at the largest eps, and the best surrogate if another."""
         variants = [strongest]
         surrogates = [v for v, (t, _) in self.sources.items() if t.name == "surrogate"]
         if surrogates and strongest not in surrogates:
-            runs = self.ev.results["runs"]
-            largest = max(config.eps)
-            variants.append(
-                max(surrogates, key=lambda v: runs[run_key(v, attack, largest)]["fooled"])
-            )
+            variants.append(self._most_fooled(surrogates, max(self.config.eps)))
+        return variants
+
+    def _large_eps(self, variants):
+        """`variants` (the strongest, then the best surrogate) at `large_eps` (must reach ~0 %)."""
+        config, attack = self.config, self.config.check_attack
         for i, variant in enumerate(variants):
             threat, model_fn = self.sources[variant]
             name = LARGE_EPS if i == 0 else f"{LARGE_EPS}_surrogate"

@@ -182,12 +182,15 @@ PRESETS = {
     # The main job's suite (minutes on a 2-core CPU): APGD-CE and APGD-T through every
     # backward pass, one surrogate temperature, fewer targets and queries. 50 APGD steps: the
     # schedule's checkpoints stay >= 3 steps apart (at 20 they collapse to every step).
+    # Sized so the main job fits 20 minutes on a 2-core CPU: on its S2SNet (at 200
+    # examples, 1,000 Square queries) one eps took 2/255: 580 s, of which APGD-CE
+    # references 113 s, APGD-T 168 s, Square 185 s, convergence reruns 114 s.
     "fast": EvalConfig(
         attacks=("apgd_ce", "apgd_t"),
-        num_examples=200,
+        num_examples=100,
         steps=50,
         target_classes=2,
-        gradient_free_queries=1000,
+        gradient_free_queries=500,
         # On a trained main-job S2SNet (PGD/APGD through each temperature, 200 examples),
         # 0.3 fooled the most at 4/255 and 8/255 (0.1 and 1 fewer).
         surrogate_temperatures=(0.3,),

@@ -94,10 +94,13 @@ class Evaluator:
         sharded=None,
         keep=64,
         index_offset=0,
+        choose_on=None,
+        choices=None,
     ):
         config.validate()
         self.models, self.config, self.progress = models, config, progress
         self.sharded, self.keep, self.index_offset = sharded, keep, index_offset
+        self.choose_on, self.choices = choose_on, choices
         # run key -> the first `keep` adversarial examples (runs in this process only).
         self.adversarial = {}
         self.images = np.asarray(images[: config.num_examples], np.float32)

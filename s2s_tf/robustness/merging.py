@@ -10,9 +10,10 @@ and merges the rest by kind:
   recombined from their exact counts, so they equal the fraction over all
   examples bit for bit;
 - values every part agrees on (settings, names, the surrogate's scales) are kept;
-- a text the parts disagree on (a choice a part made from its own examples,
-  such as the threat model a convergence check reran) lists each value with
-  its number of examples.
+- a text the parts disagree on (a choice a part made from its own examples;
+  `streaming` gives every shard the first shard's choice of the run the
+  convergence checks repeat, so that one agrees) lists each value with its
+  number of examples.
 
 Summaries an `Evaluator` computes on its first examples only (`FIRST_EXAMPLES`,
 e.g. each backward pass's distance from the end-to-end gradient, on its first

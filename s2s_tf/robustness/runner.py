@@ -121,13 +121,20 @@ def _logits_fn(model_fn):
     return cache["logits"]
 
 
-def _padded_batches(arrays, batch_size):
-    """Yields (start, stop, padded arrays): every batch has `batch_size` rows (no retracing)."""
+def _even_batches(arrays, batch_size):
+    """Yields (start, stop, [a[start:stop] for a in arrays]), batches of <= `batch_size` rows.
+
+    The rows are split evenly (117 rows in batches of 100: 59 + 58, not 100 + 17
+    padded to 100, which would attack 83 copies for nothing). The compiled
+    functions are `reduce_retracing`: a second batch size traces once more, with
+    an unknown batch size, and no size after it traces again.
+    """
     n = len(arrays[0])
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        index = np.minimum(np.arange(start, start + batch_size), n - 1)
-        yield start, stop, [a[index] for a in arrays]
+    count = -(-n // batch_size)
+    size = -(-n // count) if count else batch_size
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        yield start, stop, [a[start:stop] for a in arrays]
 
 
 def _score(model_fn, adv, y, targeted):
@@ -260,8 +267,8 @@ def run_attack(
         highest loss. Deterministic attacks run once.
       targeted: attack towards `target_labels`.
       target_labels: int array [N], required when `targeted`.
-      batch_size: images per compiled call (default min(N, 128)); the last
-        batch is padded, so every call has the same shape.
+      batch_size: images per compiled call at most (default 128); the images
+        are split into batches of equal size (to one image).
       seed: seed of the random starts; the same seed gives the same result
         (SPSA excepted: it draws from TF's global generator).
       clip_min: lowest pixel value.
@@ -308,11 +315,11 @@ def run_attack(
     if indices.shape != (len(images),):
         raise ValueError(f"indices must have one entry per image, got shape {indices.shape}")
     out = np.empty_like(images)
-    batches = _padded_batches((images, attack_labels), batch_size)
+    batches = _even_batches((images, attack_labels), batch_size)
     for start, stop, (x, y) in batches:
         x_t, y_t = tf.constant(x), tf.constant(y)
         # Lazy generators: each run is scored before the next one starts.
-        index = indices[np.minimum(np.arange(start, start + len(x)), len(images) - 1)]  # padded
+        index = indices[start:stop]
         seeds = (example_seeds(seed, index, run) for run in range(n_runs))
         advs = (np.asarray(runner(x_t, y_t, eps_t, step_t, seed_t)) for seed_t in seeds)
         runs = (enforce_budget(spec, x, adv, eps, clip_min, clip_max) for adv in advs)
@@ -366,7 +373,7 @@ def predict(model_fn, images, batch_size=DEFAULT_BATCH_SIZE):
         return np.zeros([0], np.int64)
     logits = _logits_fn(model_fn)
     predictions = []
-    for start, stop, (x,) in _padded_batches((images,), min(batch_size, len(images))):
+    for start, stop, (x,) in _even_batches((images,), min(batch_size, len(images))):
         predictions.append(logits(tf.constant(x)).numpy().argmax(-1)[: stop - start])
     return np.concatenate(predictions)
 

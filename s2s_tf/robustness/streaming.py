@@ -23,12 +23,13 @@ exists, then merges them (`merge`: per-example results concatenated in order,
 counts summed, everything downstream recomputed by `evaluation.finalize`),
 which gives the numbers of one in-memory `Evaluator` run over the same examples.
 
-One caveat: the choices an `Evaluator` makes from its own examples (the
-threat model whose reference run fooled the most, which the convergence checks
-and the large-eps run attack again) are made per shard. With one gradient
-threat model every shard makes the same; with several, a shard may recheck
-another threat model than an in-memory run would, and the merged results say
-which, with the examples of each (`merging`).
+The runs the checks repeat (the threat model whose reference run fooled the
+most, which the convergence checks and the large-eps run attack again) are
+chosen once, on the first shard (`cascade`), and every other shard is given
+that choice: so every example is rechecked through the same threat model, as
+in an in-memory `Evaluator` run given `choose_on=shard_size`. A worker without
+the first shard waits for its file before its own first shard (with one
+gradient threat model there is nothing to choose, and no wait).
 """
 
 import dataclasses
@@ -47,6 +48,7 @@ from s2s_tf.data import input_pipeline
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import merging
 from s2s_tf.robustness import sharded as sharded_lib
+from s2s_tf.robustness import threat_models
 
 # Sources (relative to this package) whose code decides a shard's results, beyond the
 # attack code that `sharded.code_version` covers.
@@ -204,13 +206,17 @@ def evaluate_split(
             model_key=model_key,
             settings=sharded_lib.settings_key(config),
         )
+    choices = None
     for index, images, labels in input_pipeline.read_shards(data, stream.shard_size, wanted=todo):
         start, end = ranges[index]
         if sharded is not None:  # the runs finished inside a shard survive a kill in its middle
             sharded.shard_dir = os.path.join(
                 shard_dir, "runs", f"{files.fingerprint}-{start}-{end}"
             )
-        results = _evaluate_shard(models, images, labels, config, start, sharded, progress)
+        if index > 0 and choices is None and _has_choices(models, config):
+            first = files.wait_for(ranges[:1], stream.merge_timeout_s, progress)[0]
+            choices = first["choices"]
+        results = _evaluate_shard(models, images, labels, config, start, sharded, progress, choices)
         files.write(start, end, results)
         if sharded is not None:
             _delete(sharded.shard_dir)
@@ -238,8 +244,15 @@ def _calibrate(models, data, config):
     models.calibrate(images)
 
 
-def _evaluate_shard(models, images, labels, config, start, sharded, progress):
-    """The results of one `Evaluator` over the shard's examples (their indices from `start`)."""
+def _has_choices(models, config):
+    """Whether an evaluation chooses between several gradient threat models (`cascade`)."""
+    names = [n for n in config.threat_models if threat_models.get(n).gradient]
+    return sum(len(threat_models.get(n).sources(models, config)) for n in names) > 1
+
+
+def _evaluate_shard(models, images, labels, config, start, sharded, progress, choices=None):
+    """The results of one `Evaluator` over the shard's examples (their indices from `start`),
+    given the first shard's `choices` (None on the first shard, which makes them)."""
     end = start + len(images)
     gradient_free = config.gradient_free_examples
     if gradient_free is not None:  # the split's first examples, not each shard's
@@ -256,6 +269,7 @@ def _evaluate_shard(models, images, labels, config, start, sharded, progress):
         sharded=sharded,
         keep=0,
         index_offset=start,
+        choices=choices,
     )
     return evaluator.run()
 
