@@ -32,19 +32,24 @@ from s2s_tf.robustness.evaluation import run_key
 _GUARD_EXAMPLES = 32
 
 
+def gradient_sources(models, config):
+    """Run name -> (threat model, model_fn) of every gradient threat model, in order."""
+    sources = {}
+    for name in config.threat_models:
+        threat = threat_models.get(name)
+        if threat.gradient:
+            for variant, model_fn in threat.sources(models, config).items():
+                sources[variant] = (threat, model_fn)
+    return sources
+
+
 class Cascade:
     """Runs an `evaluation.Evaluator`'s attacks in order, each on the examples it must see."""
 
     def __init__(self, evaluator):
         self.ev, self.config = evaluator, evaluator.config
         models, config = evaluator.models, evaluator.config
-        # run name -> (threat model, model_fn), in the configured order.
-        self.sources = {}
-        for name in config.threat_models:
-            threat = threat_models.get(name)
-            if threat.gradient:
-                for variant, model_fn in threat.sources(models, config).items():
-                    self.sources[variant] = (threat, model_fn)
+        self.sources = gradient_sources(models, config)
         self.free = [
             threat_models.get(n)
             for n in config.threat_models
@@ -74,29 +79,28 @@ class Cascade:
                     self._run(threat.name, threat, attack, model_fn, eps, robust, full=full)
             if references:
                 if given is not None:
-                    strongest = self._given(given["strongest"], eps_key(eps))
+                    strongest = self._given(given["strongest"].get(eps_key(eps)))
                 else:
                     strongest = self._most_fooled(references, eps)
                 choices["strongest"][eps_key(eps)] = strongest
                 self._convergence(strongest, eps, robust)
         if choices["strongest"]:
-            largest = eps_key(max(self.config.eps))
             if given is not None:
-                table = dict(enumerate(given["large_eps"]))
-                variants = [self._given(table, i) for i in table]
+                variants = [self._given(variant) for variant in given["large_eps"]]
             else:
+                largest = eps_key(max(self.config.eps))
                 variants = self._large_eps_variants(choices["strongest"][largest])
             choices["large_eps"] = variants
             self._large_eps(variants)
 
-    def _given(self, table, key):
+    def _given(self, variant):
         """A given choice, checked against this evaluation's threat models."""
-        if key not in table or table[key] not in self.sources:
+        if variant not in self.sources:
             raise ValueError(
-                f"the given choices {table} have no run of this evaluation's threat models "
-                f"{list(self.sources)} for {key!r}: they come from another evaluation"
+                f"the given choice {variant!r} is no run of this evaluation's threat models "
+                f"{list(self.sources)}: it comes from another evaluation"
             )
-        return table[key]
+        return variant
 
     def _most_fooled(self, variants, eps):
         """Of `variants`, the one whose reference run at `eps` fooled the most of the

@@ -182,8 +182,8 @@ PRESETS = {
     # The main job's suite (minutes on a 2-core CPU): APGD-CE and APGD-T through every
     # backward pass, one surrogate temperature, fewer targets and queries. 50 APGD steps: the
     # schedule's checkpoints stay >= 3 steps apart (at 20 they collapse to every step).
-    # Sized so the main job fits 20 minutes on a 2-core CPU: on its S2SNet (at 200
-    # examples, 1,000 Square queries) one eps took 2/255: 580 s, of which APGD-CE
+    # 100 examples and 500 Square queries for the main job's time budget: on its S2SNet
+    # (at 200 examples, 1,000 queries) 2/255 alone took 580 s, of which APGD-CE
     # references 113 s, APGD-T 168 s, Square 185 s, convergence reruns 114 s.
     "fast": EvalConfig(
         attacks=("apgd_ce", "apgd_t"),

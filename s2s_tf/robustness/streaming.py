@@ -45,10 +45,10 @@ from absl import logging
 from s2s_tf import data as data_lib
 from s2s_tf.config_io import setting
 from s2s_tf.data import input_pipeline
+from s2s_tf.robustness import cascade
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import merging
 from s2s_tf.robustness import sharded as sharded_lib
-from s2s_tf.robustness import threat_models
 
 # Sources (relative to this package) whose code decides a shard's results, beyond the
 # attack code that `sharded.code_version` covers.
@@ -206,6 +206,9 @@ def evaluate_split(
             model_key=model_key,
             settings=sharded_lib.settings_key(config),
         )
+    # With several gradient threat models the first shard chooses the run the checks
+    # repeat, and the other shards wait for its choice (`cascade`).
+    choose_once = len(cascade.gradient_sources(models, config)) > 1
     choices = None
     for index, images, labels in input_pipeline.read_shards(data, stream.shard_size, wanted=todo):
         start, end = ranges[index]
@@ -213,7 +216,7 @@ def evaluate_split(
             sharded.shard_dir = os.path.join(
                 shard_dir, "runs", f"{files.fingerprint}-{start}-{end}"
             )
-        if index > 0 and choices is None and _has_choices(models, config):
+        if index > 0 and choices is None and choose_once:
             first = files.wait_for(ranges[:1], stream.merge_timeout_s, progress)[0]
             choices = first["choices"]
         results = _evaluate_shard(models, images, labels, config, start, sharded, progress, choices)
@@ -242,12 +245,6 @@ def _calibrate(models, data, config):
         count = min(count, data.num_examples)
     images, _ = data_lib.load_numpy(dataclasses.replace(data, num_examples=count))
     models.calibrate(images)
-
-
-def _has_choices(models, config):
-    """Whether an evaluation chooses between several gradient threat models (`cascade`)."""
-    names = [n for n in config.threat_models if threat_models.get(n).gradient]
-    return sum(len(threat_models.get(n).sources(models, config)) for n in names) > 1
 
 
 def _evaluate_shard(models, images, labels, config, start, sharded, progress, choices=None):
