@@ -43,7 +43,8 @@ setuptools.setup(
     extras_require={
         "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
         "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
-        "test": ["pytest>=8", "ruff==0.17.6"],
+        # pytest-xdist: the suite runs on every core (scripts/run_tests.sh passes -n auto).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6"],
         # Only for reading the authors' .pth/.pt checkpoints (s2s_tf.convert_main);
         # .npz/.safetensors exports of them need no PyTorch.
         "torch": ["torch>=2.6"],

@@ -9,4 +9,6 @@ bash scripts/setup.sh
 VENV="${S2S_VENV:-.venv}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 export S2S_TF_EXPECT_INSTALLED=1
-exec "$VENV/bin/pytest" -p no:cacheprovider tests "$@"
+# One pytest worker per core (pytest-xdist), each test file whole on one worker: most
+# tests spend their time in single-threaded tracing and subprocess start-up.
+exec "$VENV/bin/pytest" -p no:cacheprovider -n auto --dist loadfile tests "$@"
