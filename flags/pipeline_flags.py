@@ -14,7 +14,7 @@ from s2s_tf.robustness import evaluation
 from s2s_tf.train import adversarial
 
 # The pipeline's attack settings; --attack_steps because --steps would read as training steps.
-ATTACK_SETTINGS = ("num_examples", "gradient_free_examples", "steps")
+ATTACK_SETTINGS = ("num_examples", "gradient_free_examples", "steps", "eps")
 ATTACK_FLAG_NAMES = {"steps": "attack_steps"}
 
 

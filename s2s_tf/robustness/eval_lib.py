@@ -305,7 +305,9 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
     effective, effective_plots = claims.effective_claim(
         evaluator, purifier, outdir, config.effective_examples
     )
-    progress(f"claims: relations (claim 5) on {config.relations_examples} examples")
+    progress(
+        f"claims: relations (claim 5) on {min(config.relations_examples, len(images))} examples"
+    )
     relations_summary = claims.relations_claim(
         evaluator,
         list((results.get("transfer") or {}).get("matrices", {})),
