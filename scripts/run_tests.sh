@@ -9,6 +9,9 @@ bash scripts/setup.sh
 VENV="${S2S_VENV:-.venv}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 export S2S_TF_EXPECT_INSTALLED=1
-# One pytest worker per core (pytest-xdist), each test file whole on one worker: most
-# tests spend their time in single-threaded tracing and subprocess start-up.
-exec "$VENV/bin/pytest" -p no:cacheprovider -n auto --dist loadfile tests "$@"
+# One pytest worker per core (pytest-xdist), each test class whole on one worker (its
+# setUpClass runs once): most tests spend their time in single-threaded tracing and
+# subprocess start-up.
+"$VENV/bin/pytest" -p no:cacheprovider -n auto --dist loadscope -m "not serial" tests "$@"
+# Then the tests that measure the machine (peak memory), with nothing else running.
+exec "$VENV/bin/pytest" -p no:cacheprovider -m serial tests "$@"
