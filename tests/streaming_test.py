@@ -376,7 +376,7 @@ class ProcessesTest(tf.test.TestCase):
         # Peak RSS after each shard: the first shards compile the few batch shapes there
         # are; then the second half of the split (6 shards) must add less than half its
         # images: no shard's images are kept. Not flat: the peak still creeps, in steps of
-        # ~3.4 MB at some shards (8.7-8.9 MB over the 6 shards in 3 of 5 runs; bench/
+        # ~3.4 MB at some shards (6.9-8.9 MB over the 6 shards in 5 of 6 runs; bench/
         # eval_scaling.py: ~2 MB per shard of 1,000 at 32 px), so one shard (4.9 MB) is
         # not the bound here.
         peaks = [kb * 1024 for kb in stream["peak_rss_kb_by_shard"]]
