@@ -70,13 +70,6 @@ flags.DEFINE_integer("steps", 5, "PGD steps k (stream mode: the attack's steps).
 flags.DEFINE_float("eps", 8.0 / 255.0, "L-inf budget in [0, 1] pixel units.")
 flags.DEFINE_integer("timed_calls", 3, "Timed calls per replica count (median).", lower_bound=1)
 flags.DEFINE_string("json_out", None, "Also write the numbers to this JSON file.")
-flags.DEFINE_integer(
-    "malloc_arena_max",
-    2,
-    "Stream mode: MALLOC_ARENA_MAX of each measured process (0: the environment's). glibc "
-    "opens an arena per contended thread, which adds MBs at random whatever the split's size.",
-    lower_bound=0,
-)
 
 
 def make_strategy(replicas):
@@ -307,19 +300,12 @@ def run_stream():
                 capture_output=True,
                 text=True,
                 check=True,
-                env=_child_env(),
+                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
             )
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append({"examples": examples, "path": path, **row})
     report_stream(rows, machine)
     bench_util.write_json({"machine": machine, "rows": rows}, FLAGS.json_out)
-
-
-def _child_env():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if FLAGS.malloc_arena_max:
-        env["MALLOC_ARENA_MAX"] = str(FLAGS.malloc_arena_max)
-    return env
 
 
 def report_stream(rows, machine):
@@ -330,7 +316,7 @@ def report_stream(rows, machine):
         f"model, {FLAGS.image_size} px, batch {FLAGS.batch_size}, shards of {FLAGS.shard_size} "
         f"({shard_mb:.1f} MB of images)",
         f"  machine   {machine['cpus_usable']} usable CPUs, {machine['cpu_model']}; "
-        f"device {machine['device']}; MALLOC_ARENA_MAX {FLAGS.malloc_arena_max or 'unset'}",
+        f"device {machine['device']}",
         "",
         f"  {'examples':>9}{'path':>11}{'seconds':>10}{'examples/s':>12}{'peak RSS MB':>13}"
         f"{'robust':>9}",

@@ -275,8 +275,8 @@ def evaluate(config, workdir, paths, strategy=None):
         attack_preset=config.attack_preset,
         baselines=config.baselines,
         # Claim 3 attacks these examples again at every eps through every backward pass
-        # (131 s of the main job's report at 64 examples and four eps); the report gives
-        # each ratio's bootstrap interval over these examples.
+        # (131 s of the main job's report at 64 examples and four eps, 98 s at 32 and three:
+        # mostly tracing); the report gives each ratio's bootstrap interval over them.
         effective_examples=EFFECTIVE_EXAMPLES,
     )
     return outdir, eval_lib.evaluate(run, outdir, strategy=strategy)
