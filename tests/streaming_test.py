@@ -375,10 +375,12 @@ class ProcessesTest(tf.test.TestCase):
         shard_bytes = MEMORY_SHARD * image_bytes
         # Peak RSS after each shard: the first shards compile the few batch shapes there
         # are; then the second half of the split (6 shards) must add less than half its
-        # images: no shard's images are kept. Not flat: the peak still creeps, in steps of
-        # ~3.4 MB at some shards (6.9-8.9 MB over the 6 shards in 5 of 6 runs; bench/
-        # eval_scaling.py: ~2 MB per shard of 1,000 at 32 px), so one shard (4.9 MB) is
-        # not the bound here.
+        # images: no shard's images are kept. Nothing accumulates (traces, Python objects
+        # and malloc's memory in use are flat from the fourth shard on), but the peak is a
+        # running maximum of each shard's working set, which varies with how many
+        # examples its cascade attacks: it still rises by 1.5-3.4 MB at a few shards
+        # (2.8-6.3 MB over the 6, with glibc's free pages trimmed after each shard;
+        # 6.5-8.4 MB without), so one shard's images (4.9 MB) is not a safe bound.
         peaks = [kb * 1024 for kb in stream["peak_rss_kb_by_shard"]]
         half = len(peaks) - len(peaks) // 2
         growth = stream["peak_rss_kb"] * 1024 - peaks[len(peaks) // 2 - 1]

@@ -32,7 +32,10 @@ the first shard waits for its file before its own first shard (with one
 gradient threat model there is nothing to choose, and no wait).
 """
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -223,6 +226,8 @@ def evaluate_split(
         files.write(start, end, results)
         if sharded is not None:
             _delete(sharded.shard_dir)
+        del images, labels, results
+        _release_free_memory()
         meter.shard_done(start, end)
     if worker.index != 0:
         return None
@@ -269,6 +274,31 @@ def _evaluate_shard(models, images, labels, config, start, sharded, progress, ch
         choices=choices,
     )
     return evaluator.run()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None (another C library, or none found)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_memory():
+    """Hands the pages that a finished shard freed back to the system (glibc only).
+
+    glibc keeps freed memory resident in its heaps, and the transient buffers of
+    each shard (copies of its images, attack tensors of a varying number of rows)
+    land at different places in them, so without this the peak resident size
+    creeps up shard after shard (6.6-8.4 MiB over the last 6 of 12 shards of 100
+    64-px images) while the memory in use stays flat. Results are unchanged: it
+    frees nothing that is in use.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _delete(folder):
