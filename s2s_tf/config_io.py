@@ -90,9 +90,15 @@ def save_config(config, directory, filename="config.json"):
 
 
 def _from_value(field_type, value):
-    """Converts a JSON value back into `field_type` (dataclasses and tuples)."""
-    if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
-        return config_from_dict(field_type, value)
+    """Converts a JSON value back into `field_type` (dataclasses and tuples).
+
+    An optional dataclass (`DataConfig | None`) is rebuilt from a dict like a plain one.
+    """
+    if isinstance(value, dict):
+        options = typing.get_args(field_type) or (field_type,)
+        classes = [t for t in options if dataclasses.is_dataclass(t)]
+        if len(classes) == 1:
+            return config_from_dict(classes[0], value)
     if isinstance(value, list):
         return tuple(_from_value(None, v) for v in value)
     return value

@@ -10,6 +10,8 @@ import tensorflow as tf
 from s2s_tf import config_io
 from s2s_tf import data as data_lib
 from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.train import stages
+from s2s_tf.train import train_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,23 @@ class ConfigIoTest(tf.test.TestCase):
         with open(path) as f:
             self.assertEqual(json.load(f)["autoencoder"]["stage_widths"], [[4, 4], [8]])
         self.assertEqual(config_io.load_config(_RunConfig, path), config)
+
+    def test_a_stage_config_with_optional_parts_round_trips(self):
+        # eval_data is `DataConfig | None`: read back as a DataConfig, not a dict.
+        data = data_lib.DataConfig(source="testing", image_size=(16, 16))
+        config = train_lib.TrainConfig(
+            stage="stage1",
+            model=stages.ModelConfig(classifier="testing", image_size=(16, 16)),
+            train_data=data,
+            eval_data=dataclasses.replace(data, split="test", num_examples=8),
+        )
+        path = config_io.save_config(config, tempfile.mkdtemp())
+        loaded = config_io.load_config(train_lib.TrainConfig, path)
+        self.assertIsInstance(loaded.eval_data, data_lib.DataConfig)
+        self.assertEqual(loaded, config)
+        no_eval = dataclasses.replace(config, eval_data=None)
+        path = config_io.save_config(no_eval, tempfile.mkdtemp())
+        self.assertIsNone(config_io.load_config(train_lib.TrainConfig, path).eval_data)
 
     def test_unknown_field_is_named(self):
         with self.assertRaisesRegex(ValueError, "bogus"):
