@@ -132,6 +132,17 @@ class RelationsTest(tf.test.TestCase):
             relations.statement(relations.summarize(_engine_matrices(), CLEAN, rows)),
         )
 
+    def test_a_tie_at_the_shown_eps_names_the_eps_that_orders_it(self):
+        rows = _defended_rows()
+        # alexnet+s2s loses what vgg+s2s loses at 2/255 (0.50), less at 16/255.
+        rows[SMALL]["alexnet+s2s"]["alexnet+s2s"] = 0.25
+        summary = relations.summarize(_engine_matrices(), CLEAN, rows)
+        self.assertEqual(summary["groups"]["defended"]["tied"]["easiest_to_fool"], [False, False])
+        self.assertIn(
+            f"vgg+s2s (50.0) > alexnet+s2s (50.0; ordered at {LARGE}: 80.0 > 65.0)",
+            summary["statement"],
+        )
+
     def test_small_groups(self):
         matrices = {
             SMALL: {"a": {"a": 0.1, "defended": 0.5}, "defended": {"a": 0.4, "defended": 0.2}}

@@ -165,12 +165,26 @@ def _points(value):
     return f"{100 * value:.1f}"
 
 
-def _ranked(group, ranking, values):
-    """ "a (45.0) > b (30.0)", with "=" between models whose keys tie."""
+def _ranked(group, ranking, values, later=()):
+    """ "a (45.0) > b (30.0)", with "=" between models whose keys tie.
+
+    `later`: (eps key, {model: value}) of the eps that break a tie of `values`
+    (the ranking's keys are compared eps by eps); where two neighbours show the
+    same value but do not tie, the eps that orders them is named with theirs.
+    """
     names, tied = group[ranking], group["tied"][ranking]
     out = f"{names[0]} ({_points(values[names[0]])})"
-    for name, tie in zip(names[1:], tied, strict=True):
-        out += f" {'=' if tie else '>'} {name} ({_points(values[name])})"
+    for first, name, tie in zip(names[:-1], names[1:], tied, strict=True):
+        out += f" {'=' if tie else '>'} {name} ({_points(values[name])}"
+        if not tie and _points(values[first]) == _points(values[name]):
+            for eps, by_model in later:
+                if _points(by_model[first]) != _points(by_model[name]):
+                    out += (
+                        f"; ordered at {eps}: {_points(by_model[first])} > "
+                        f"{_points(by_model[name])}"
+                    )
+                    break
+        out += ")"
     return out
 
 
@@ -179,8 +193,12 @@ def _group_sentence(group, label, attack, rank_eps):
         return f"{label}: fewer than two models ({', '.join(group['models']) or 'none'})."
     small, large = rank_eps["easiest_to_fool"], rank_eps["transfers_best"]
     drops = {m: by_eps[small] for m, by_eps in group["self_drop"].items()}
-    easiest = _ranked(group, "easiest_to_fool", drops)
-    best = _ranked(group, "transfers_best", group["transfer_drop"][large])
+    eps_keys = sorted(next(iter(group["self_drop"].values())), key=eps_value)
+    later = [(e, {m: d[e] for m, d in group["self_drop"].items()}) for e in eps_keys[1:]]
+    easiest = _ranked(group, "easiest_to_fool", drops, later)
+    transfer = group["transfer_drop"]
+    later = [(e, transfer[e]) for e in eps_keys[::-1][1:]]
+    best = _ranked(group, "transfers_best", transfer[large], later)
     return (
         f"{label}, easiest to fool by the drop from clean accuracy under {attack} at eps "
         f"{small} (points): {easiest}; best transfer by the mean drop of the group's other "
