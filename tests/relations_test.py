@@ -5,6 +5,7 @@ import copy
 import tensorflow as tf
 
 from s2s_tf.analysis import relations
+from s2s_tf.analysis import verdicts
 
 # Unequal clean accuracies: resnet is left with the lowest accuracy under attack but loses
 # the least, so ranking by the accuracy left and by the drop disagree.
@@ -142,6 +143,25 @@ class RelationsTest(tf.test.TestCase):
             f"vgg+s2s (50.0) > alexnet+s2s (50.0; ordered at {LARGE}: 80.0 > 65.0)",
             summary["statement"],
         )
+
+    def test_a_tie_leaves_the_comparison_undecided(self):
+        matrices = _engine_matrices()
+        # alexnet's examples now cost vgg and resnet (0.90 + 0.55) / 2 at 16/255, what
+        # resnet's cost vgg and alexnet (0.75 + 0.70) / 2; at 2/255 both cost 0.035.
+        matrices[LARGE]["alexnet"].update(vgg=0.05, resnet=0.05)
+        summary = relations.summarize(matrices, CLEAN, _defended_rows())
+        plain = summary["groups"]["undefended"]
+        self.assertIn(True, plain["tied"]["transfers_best"], plain["transfer_drop"])
+        self.assertEqual(summary["tied_order"], {"easiest_to_fool": False, "transfers_best": True})
+        self.assertIn(
+            "cannot be compared with (a tie in a group) it for best transfer", summary["statement"]
+        )
+        document = {"relations": summary}
+        self.assertEqual(
+            verdicts.relations_claim(document["relations"])["status"], "undecided (tied drops)"
+        )
+        untied = relations.summarize(_engine_matrices(), CLEAN, _defended_rows())
+        self.assertEqual(verdicts.relations_claim(untied)["status"], "same order")
 
     def test_small_groups(self):
         matrices = {

@@ -124,8 +124,9 @@ def summarize(matrices, clean, defended_rows=None):
       whether each adjacent pair ties})}, or {"models"}
       alone for a group of fewer than two), "same_order" ({ranking: whether the
       defended ranking, mapped to the classifiers, equals the undefended one;
-      None when either group is too small}) and "statement". Empty without
-      matrices.
+      None when either group is too small}), "tied_order" ({ranking: whether
+      either group's ranking has a tie, which leaves that comparison to the
+      models' names}) and "statement". Empty without matrices.
 
     Raises:
       ValueError: when a defended model has no surrogate rows.
@@ -143,7 +144,7 @@ def summarize(matrices, clean, defended_rows=None):
         groups[group] = (
             _group(members, rows, clean, eps_keys) if len(members) >= 2 else {"models": members}
         )
-    same_order = {}
+    same_order, tied_order = {}, {}
     for ranking in ("easiest_to_fool", "transfers_best"):
         plain, defended = groups["undefended"].get(ranking), groups["defended"].get(ranking)
         same_order[ranking] = (
@@ -151,11 +152,16 @@ def summarize(matrices, clean, defended_rows=None):
             if plain is None or defended is None
             else [partner(m) for m in defended] == [m for m in plain if m in map(partner, defended)]
         )
+        # A tie in either group leaves the order of its models to their names.
+        tied_order[ranking] = same_order[ranking] is not None and any(
+            any(groups[g]["tied"][ranking]) for g in GROUPS
+        )
     summary = {
         "eps": eps_keys,
         "rank_eps": {"easiest_to_fool": eps_keys[0], "transfers_best": eps_keys[-1]},
         "groups": groups,
         "same_order": same_order,
+        "tied_order": tied_order,
     }
     summary["statement"] = statement(summary)
     return summary
@@ -224,9 +230,16 @@ def statement(summary):
     if None in same.values():
         parts.append("The two groups cannot be compared (a group has fewer than two models).")
     else:
-        words = {True: "the same as", False: "not the same as"}
+        tied = summary.get("tied_order", {})
+        words = {True: "is the same as", False: "is not the same as"}
+
+        def compared(ranking):
+            if tied.get(ranking):
+                return "cannot be compared with (a tie in a group)"
+            return words[same[ranking]]
+
         parts.append(
-            f"The defended ranking is {words[same['easiest_to_fool']]} the undefended one for "
-            f"easiest to fool, and {words[same['transfers_best']]} it for best transfer."
+            f"The defended ranking {compared('easiest_to_fool')} the undefended one for "
+            f"easiest to fool, and {compared('transfers_best')} it for best transfer."
         )
     return " ".join(parts)

@@ -201,11 +201,15 @@ def relations_claim(summary):
     """Claim 5 from the relations summary (rankings; point estimates)."""
     if not summary:
         return {"status": None, "text": "Relations: no transfer matrix."}
-    same = summary["same_order"]
+    same, tied = summary["same_order"], summary.get("tied_order", {})
     if None in same.values():
         status = "not comparable"
+    elif any(not same[r] and not tied.get(r) for r in same):
+        status = "different order"
+    elif any(tied.values()):
+        status = "undecided (tied drops)"
     else:
-        status = "same order" if all(same.values()) else "different order"
+        status = "same order"
     examples = summary.get("num_examples")
     on = f" ({examples} examples; point estimates)" if examples else ""
     return {"status": status, "text": f"Relations{on}: {summary['statement']}"}
