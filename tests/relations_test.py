@@ -105,7 +105,8 @@ class RelationsTest(tf.test.TestCase):
         self.assertEqual(summary["groups"]["defended"]["easiest_to_fool"][0], "resnet+s2s")
         self.assertFalse(summary["same_order"]["easiest_to_fool"])
         self.assertIn(
-            "not the same as the undefended one for easiest to fool", summary["statement"]
+            "For easiest to fool the defended ranking is not the same as the undefended one",
+            summary["statement"],
         )
 
     def test_a_defended_model_without_surrogate_rows_is_refused(self):
@@ -154,7 +155,8 @@ class RelationsTest(tf.test.TestCase):
         self.assertIn(True, plain["tied"]["transfers_best"], plain["transfer_drop"])
         self.assertEqual(summary["tied_order"], {"easiest_to_fool": False, "transfers_best": True})
         self.assertIn(
-            "cannot be compared with (a tie in a group) it for best transfer", summary["statement"]
+            "for best transfer the rankings cannot be compared (a tie in a group)",
+            summary["statement"],
         )
         document = {"relations": summary}
         self.assertEqual(

@@ -232,14 +232,17 @@ def statement(summary):
     else:
         tied = summary.get("tied_order", {})
         words = {True: "is the same as", False: "is not the same as"}
-
-        def compared(ranking):
+        clauses = []
+        for ranking, label in (
+            ("easiest_to_fool", "easiest to fool"),
+            ("transfers_best", "best transfer"),
+        ):
             if tied.get(ranking):
-                return "cannot be compared with (a tie in a group)"
-            return words[same[ranking]]
-
-        parts.append(
-            f"The defended ranking {compared('easiest_to_fool')} the undefended one for "
-            f"easiest to fool, and {compared('transfers_best')} it for best transfer."
-        )
+                clauses.append(f"for {label} the rankings cannot be compared (a tie in a group)")
+            else:
+                clauses.append(
+                    f"for {label} the defended ranking {words[same[ranking]]} the undefended one"
+                )
+        sentence = "; ".join(clauses)
+        parts.append(sentence[0].upper() + sentence[1:] + ".")
     return " ".join(parts)
