@@ -171,44 +171,44 @@ def _points(value):
     return f"{100 * value:.1f}"
 
 
-def _ranked(group, ranking, values, later=()):
+def _ranked(group, ranking, by_eps, order):
     """ "a (45.0) > b (30.0)", with "=" between models whose keys tie.
 
-    `later`: (eps key, {model: value}) of the eps that break a tie of `values`
-    (the ranking's keys are compared eps by eps); where two neighbours show the
-    same value but do not tie, the eps that orders them is named with theirs.
+    Args:
+      group: a `_group` dict.
+      ranking: "easiest_to_fool" or "transfers_best".
+      by_eps: {eps key: {model: value}}, the values the ranking compares.
+      order: the eps keys in the order the ranking compares them; the values
+        shown are those at order[0]. Where two neighbours show the same value
+        there but do not tie, the eps that orders them is named with theirs.
     """
     names, tied = group[ranking], group["tied"][ranking]
-    out = f"{names[0]} ({_points(values[names[0]])})"
+    shown = by_eps[order[0]]
+    out = f"{names[0]} ({_points(shown[names[0]])})"
     for first, name, tie in zip(names[:-1], names[1:], tied, strict=True):
-        out += f" {'=' if tie else '>'} {name} ({_points(values[name])}"
-        if not tie and _points(values[first]) == _points(values[name]):
-            for eps, by_model in later:
-                if _points(by_model[first]) != _points(by_model[name]):
-                    out += (
-                        f"; ordered at {eps}: {_points(by_model[first])} > "
-                        f"{_points(by_model[name])}"
-                    )
+        out += f" {'=' if tie else '>'} {name} ({_points(shown[name])}"
+        if not tie and _points(shown[first]) == _points(shown[name]):
+            for eps in order[1:]:
+                values = by_eps[eps]
+                if _points(values[first]) != _points(values[name]):
+                    out += f"; ordered at {eps}: {_points(values[first])} > {_points(values[name])}"
                     break
         out += ")"
     return out
 
 
-def _group_sentence(group, label, attack, rank_eps):
+def _group_sentence(group, label, attack, eps_keys):
+    """One group's rankings, read as `_group` ranks: drops from the smallest eps up,
+    transfer from the largest down."""
     if "easiest_to_fool" not in group:
         return f"{label}: fewer than two models ({', '.join(group['models']) or 'none'})."
-    small, large = rank_eps["easiest_to_fool"], rank_eps["transfers_best"]
-    drops = {m: by_eps[small] for m, by_eps in group["self_drop"].items()}
-    eps_keys = sorted(next(iter(group["self_drop"].values())), key=eps_value)
-    later = [(e, {m: d[e] for m, d in group["self_drop"].items()}) for e in eps_keys[1:]]
-    easiest = _ranked(group, "easiest_to_fool", drops, later)
-    transfer = group["transfer_drop"]
-    later = [(e, transfer[e]) for e in eps_keys[::-1][1:]]
-    best = _ranked(group, "transfers_best", transfer[large], later)
+    self_drop = {e: {m: d[e] for m, d in group["self_drop"].items()} for e in eps_keys}
+    easiest = _ranked(group, "easiest_to_fool", self_drop, eps_keys)
+    best = _ranked(group, "transfers_best", group["transfer_drop"], eps_keys[::-1])
     return (
         f"{label}, easiest to fool by the drop from clean accuracy under {attack} at eps "
-        f"{small} (points): {easiest}; best transfer by the mean drop of the group's other "
-        f"models at eps {large} (points): {best}."
+        f"{eps_keys[0]} (points): {easiest}; best transfer by the mean drop of the group's other "
+        f"models at eps {eps_keys[-1]} (points): {best}."
     )
 
 
@@ -216,14 +216,14 @@ def statement(summary):
     """The claim-5 sentences, written from a `summarize` result."""
     if not summary:
         return "Claim 5 needs a transfer matrix."
-    groups, rank_eps = summary["groups"], summary["rank_eps"]
+    groups, eps_keys = summary["groups"], summary["eps"]
     parts = [
-        _group_sentence(groups["undefended"], "Undefended", "their own white-box attack", rank_eps),
+        _group_sentence(groups["undefended"], "Undefended", "their own white-box attack", eps_keys),
         _group_sentence(
             groups["defended"],
             "Defended (each with its own S2SNet)",
             "their own attack through the soft-routing surrogate",
-            rank_eps,
+            eps_keys,
         ),
     ]
     same = summary["same_order"]
