@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import weakref
 from xml.etree import ElementTree
 
 import numpy as np
@@ -265,6 +267,41 @@ class PipelineTest(tf.test.TestCase, parameterized.TestCase):
             data.DataConfig(image_size=(0, 8))
         with self.assertRaisesRegex(ValueError, "Unknown source"):
             data.load_source(data.DataConfig(source="nope"))
+
+
+class _Deletion:
+    """Records the thread that deletes it; its deletion waits for `go` (at most 30 s)."""
+
+    def __init__(self, go, deleted_on):
+        self.go, self.deleted_on = go, deleted_on
+
+    def __del__(self):
+        self.deleted_on.append(threading.get_ident())
+        self.go.wait(30)
+
+
+class ReleaseInBackgroundTest(tf.test.TestCase):
+    def test_deletes_off_the_callers_thread_without_blocking_it(self):
+        go, deleted_on = threading.Event(), []
+        holder = [_Deletion(go, deleted_on)]
+        thread = data.release_in_background(holder)
+        # The deletion is still waiting for `go`: the caller got here without waiting for it.
+        self.assertEqual(holder, [])
+        go.set()
+        thread.join(30)
+        self.assertFalse(thread.is_alive())
+        self.assertLen(deleted_on, 1)
+        self.assertNotEqual(deleted_on[0], threading.get_ident())
+        self.assertEqual(deleted_on[0], thread.ident)
+
+    def test_releases_a_tf_data_iterator(self):
+        iterator = iter(tf.data.Dataset.range(10).map(lambda x: x + 1).prefetch(2))
+        self.assertEqual(int(next(iterator)), 1)
+        gone = weakref.ref(iterator)
+        holder = [iterator]
+        del iterator
+        data.release_in_background(holder).join(30)
+        self.assertIsNone(gone())
 
 
 class RegistryTest(tf.test.TestCase, parameterized.TestCase):

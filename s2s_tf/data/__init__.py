@@ -8,6 +8,7 @@ from s2s_tf.data.input_pipeline import load_numpy
 from s2s_tf.data.input_pipeline import make_dataset_fn
 from s2s_tf.data.input_pipeline import preprocess_eval
 from s2s_tf.data.input_pipeline import preprocess_train
+from s2s_tf.data.input_pipeline import release_in_background
 from s2s_tf.data.sources import AUGMENTATIONS
 from s2s_tf.data.sources import FASHION_MNIST_DIR
 from s2s_tf.data.sources import SOURCES
@@ -30,4 +31,5 @@ __all__ = [
     "preprocess_eval",
     "preprocess_train",
     "read_idx",
+    "release_in_background",
 ]

@@ -2,10 +2,12 @@
 
 `make_dataset_fn(config, training)` gives the `dataset_fn` of
 `strategy.distribute_datasets_from_function`; `load_numpy` reads a small evaluation set;
-`read_shards` streams a whole split in fixed-size shards, one in memory at a time.
+`read_shards` streams a whole split in fixed-size shards, one in memory at a time;
+`release_in_background` deletes finished iterators off the caller's thread.
 """
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -176,6 +178,32 @@ def make_dataset_fn(
     return dataset_fn
 
 
+def release_in_background(holder: list) -> threading.Thread:
+    """Empties `holder` (a list of finished tf.data iterators) and deletes them on a thread.
+
+    Deleting an iterator cancels its autotuning thread, and that cancellation can miss its
+    wakeup: TensorFlow's `CancellationManager` marks itself cancelled only after running the
+    callback that wakes the thread, so a thread woken in between goes back to sleep for the
+    rest of its optimization period, which grows to 60 s. The delete then waits for it: on
+    this project's 2-core CPU, 0-60 s per long-lived iterator, at random (seen at the end of
+    training stages and of the streaming evaluation). The delete releases the GIL, so deleting
+    on a daemon thread lets the caller go on; the iterator's memory is freed when the thread
+    ends.
+
+    Args:
+        holder: A list whose items are the only references to the iterators (pass the list,
+            not the iterator: a reference left in the caller's frame would delete it there).
+
+    Returns:
+        The (started) thread that deletes them.
+    """
+    items = holder[:]
+    holder.clear()
+    thread = threading.Thread(target=items.clear, name="tf_data_iterator_release", daemon=True)
+    thread.start()
+    return thread
+
+
 def load_numpy(config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Reads a (small) evaluation set into memory, e.g. for attacks or reports.
 
@@ -245,8 +273,16 @@ def read_shards(
     view = _evaluation_view(config)
     ds = ds.map(lambda i, example: (i, *view(*example)), num_parallel_calls=tf.data.AUTOTUNE)
     # Every wanted shard but the split's last is full, so batches are exactly the shards.
-    for index, images, labels in ds.batch(shard_size).prefetch(1).as_numpy_iterator():
-        shard = int(index[0]) // shard_size
-        if int(index[-1]) // shard_size != shard:
-            raise AssertionError(f"shard {shard} mixes examples of other shards: {index}")
-        yield shard, images, labels
+    # The iterator lives as long as the evaluation: released off this thread at the end.
+    iterators = [ds.batch(shard_size).prefetch(1).as_numpy_iterator()]
+    try:
+        # No `for` over the iterator: its reference on the frame's stack would outlive the
+        # release when the caller stops early.
+        while (batch := next(iterators[0], None)) is not None:
+            index, images, labels = batch
+            shard = int(index[0]) // shard_size
+            if int(index[-1]) // shard_size != shard:
+                raise AssertionError(f"shard {shard} mixes examples of other shards: {index}")
+            yield shard, images, labels
+    finally:
+        release_in_background(iterators)

@@ -161,7 +161,13 @@ class RecalibratedStage(trainer.Stage):
         if config is None or not config.batches or not layers:
             return 0
         batches = data_lib.make_dataset_fn(config.data, training=True)(None).take(config.batches)
-        used = recalibrate_batch_norm(lambda batch: self._bn_forward(*batch), layers, batches)
+        iterators = [iter(batches)]
+        try:
+            used = recalibrate_batch_norm(
+                lambda batch: self._bn_forward(*batch), layers, iterators[0]
+            )
+        finally:
+            data_lib.release_in_background(iterators)
         logging.info("%s: BatchNorm re-estimated on %d batches", self.name, used)
         self._recalibrated = len(layers)
         return self._recalibrated

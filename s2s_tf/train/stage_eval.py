@@ -94,7 +94,9 @@ class StageEvaluator:
         dataset = self.strategy.distribute_datasets_from_function(
             data_lib.make_dataset_fn(eval_data, training=False)
         )
-        self._eval_loops[per_replica](iter(dataset))
+        iterators = [iter(dataset)]
+        self._eval_loops[per_replica](iterators[0])
+        data_lib.release_in_background(iterators)
         results = loop_utils.means(self._eval_sums)
         step = self.step()
         with self.writer.as_default(step=step):

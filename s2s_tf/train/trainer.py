@@ -256,20 +256,23 @@ class Trainer:
         if start:
             logging.info("%s: resumed from checkpoint at step %d/%d", self.stage.name, start, total)
         # The same stream as an uninterrupted run, without the batches already trained on.
-        iterator = iter(
-            self.strategy.distribute_datasets_from_function(
-                data_lib.make_dataset_fn(self.train_data, training=True, start_step=start)
+        iterators = [
+            iter(
+                self.strategy.distribute_datasets_from_function(
+                    data_lib.make_dataset_fn(self.train_data, training=True, start_step=start)
+                )
             )
-        )
+        ]
         sample = self.evaluator.sample_batch() if self.is_chief else None
         if self._config_text:
             with self.train_writer.as_default(step=start):
                 tf.summary.text("config", f"```\n{self._config_text}\n```")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            train_metrics = self._run(iterator, total, sample)
+            train_metrics = self._run(iterators[0], total, sample)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            data_lib.release_in_background(iterators)
         if self._preempted:
             self.checkpoints.save(self.step)
             logging.warning("%s: SIGTERM, checkpoint saved at step %d", self.stage.name, self.step)
