@@ -23,6 +23,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import weakref
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -458,6 +462,32 @@ class PartsTest(tf.test.TestCase):
         self.assertEmpty(list(input_pipeline.read_shards(data, SHARD, wanted=[])))
         with self.assertRaisesRegex(ValueError, "shard_size must be a positive int"):
             next(input_pipeline.read_shards(data, 0))
+
+    def test_read_shards_releases_its_iterator_off_this_thread(self):
+        _, _, folder, _ = _Fixture.get()
+        data = data_config(folder, SIZE)
+        real, deleted_on = input_pipeline.release_in_background, []
+
+        def record(holder):
+            # Runs on the thread that drops the last reference to the iterator.
+            weakref.finalize(holder[0], lambda: deleted_on.append(threading.get_ident()))
+            return real(holder)
+
+        for stop_early in (False, True):
+            deleted_on.clear()
+            with mock.patch.object(input_pipeline, "release_in_background", record):
+                shards = input_pipeline.read_shards(data, SHARD)
+                if stop_early:  # the caller stops after one shard
+                    next(shards)
+                    shards.close()
+                else:
+                    self.assertLen(list(shards), 4)
+            for _ in range(300):  # the release's thread (give it 30 s)
+                if deleted_on:
+                    break
+                time.sleep(0.1)
+            self.assertLen(deleted_on, 1, f"stop_early={stop_early}")
+            self.assertNotEqual(deleted_on[0], threading.get_ident(), f"stop_early={stop_early}")
 
 
 def _worker_main(args):

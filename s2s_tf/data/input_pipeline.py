@@ -276,10 +276,7 @@ def read_shards(
     # The iterator lives as long as the evaluation: released off this thread at the end.
     iterators = [ds.batch(shard_size).prefetch(1).as_numpy_iterator()]
     try:
-        # No `for` over the iterator: its reference on the frame's stack would outlive the
-        # release when the caller stops early.
-        while (batch := next(iterators[0], None)) is not None:
-            index, images, labels = batch
+        for index, images, labels in iterators[0]:
             shard = int(index[0]) // shard_size
             if int(index[-1]) // shard_size != shard:
                 raise AssertionError(f"shard {shard} mixes examples of other shards: {index}")
