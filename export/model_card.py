@@ -5,14 +5,17 @@
 
 writes `model_card.json` and `model_card.md` (the same numbers) beside the
 warm-up requests. The card names the classifier and its input size, the
-autoencoder's shape, the training data and stage-2 loss (read from the
-`config.json` that training writes beside each stage's models, when there is
-one), software versions, and, from the robustness report
-(`<workdir>/eval_report/robustness.json`) when there is one: clean accuracy
-with and without the defense, the per-example worst-case robust accuracy per
-eps, whether the attacks converged, and the sanity checks (failed, undecided
-and not run, each named). Without a report those fields say "not evaluated"
-rather than anything that could pass for a result.
+autoencoder's shape, the training data and stage-2 loss, how each part was
+trained (stage 2's objective, paper or adversarial, what it trained and its
+inner attack; the classifier's, standard or Madry; each stage's steps, batch,
+learning rate and augmentation), all read from the `config.json` that training
+writes beside each stage's models when there is one, software versions, and,
+from the robustness report (`<workdir>/eval_report/robustness.json`) when
+there is one: clean accuracy with and without the defense, the per-example
+worst-case robust accuracy per eps, whether the attacks converged, and the
+sanity checks (failed, undecided and not run, each named). Without a report
+those fields say "not evaluated" rather than anything that could pass for a
+result.
 
 Provenance is by content: the card records the SHA-256 of the exported model
 files and of the report, and the report records the SHA-256 of the files it
@@ -29,6 +32,7 @@ import keras
 import tensorflow as tf
 
 import s2s_tf
+from s2s_tf import config_io
 from s2s_tf import constants
 from s2s_tf.export import provenance as provenance_lib
 from s2s_tf.models import autoencoder as ae_lib
@@ -95,6 +99,52 @@ def _data(train_data):
         return UNKNOWN
     keys = ("source", "split", "image_size", "data_dir", "folder", "tfds_name", "num_examples")
     return {key: train_data.get(key) for key in keys if train_data.get(key) is not None}
+
+
+def _budget(config):
+    """A stage's training budget from its config: steps, batch, learning rate, augmentation."""
+    loop, optimizer = config.get("loop") or {}, config.get("optimizer") or {}
+    data = config.get("train_data") or {}
+    return {
+        "train_steps": loop.get("train_steps", UNKNOWN),
+        "global_batch_size": data.get("global_batch_size", UNKNOWN),
+        "learning_rate": optimizer.get("learning_rate", UNKNOWN),
+        "schedule": optimizer.get("schedule", UNKNOWN),
+        "augment": data.get("augment", UNKNOWN),
+    }
+
+
+# The inner attack of adversarial training (`AdversarialConfig`); stage 2 adds its own terms.
+_ATTACK_KEYS = ("train_eps", "train_attack", "train_attack_steps", "train_step_size")
+_STAGE2_ATTACK_KEYS = (*_ATTACK_KEYS, "robust_weight", "train_surrogate_temperature")
+
+
+def _inner_attack(config, keys):
+    adversarial = config.get("adversarial") or {}
+    return {key: adversarial.get(key, UNKNOWN) for key in keys}
+
+
+def _training(training, classifier_training):
+    """How the defense (stages 1 and 2) and the classifier (stage 0) were trained."""
+    card = {"stage2": UNKNOWN, "stage1": UNKNOWN, "classifier": UNKNOWN}
+    if training:
+        objective = training.get("stage2_objective", UNKNOWN)
+        card["stage2"] = {
+            "objective": objective,
+            "trainable": training.get("stage2_trainable", UNKNOWN),
+            **_budget(training),
+        }
+        if objective == "adversarial":
+            card["stage2"]["inner_attack"] = _inner_attack(training, _STAGE2_ATTACK_KEYS)
+        stage1 = _stage_config(training.get("model", {}).get("autoencoder_path"))
+        if stage1:
+            card["stage1"] = _budget(stage1)
+    if classifier_training:
+        objective = classifier_training.get("stage0_objective", UNKNOWN)
+        card["classifier"] = {"objective": objective, **_budget(classifier_training)}
+        if objective == "adversarial":
+            card["classifier"]["inner_attack"] = _inner_attack(classifier_training, _ATTACK_KEYS)
+    return card
 
 
 def _autoencoder(autoencoder, training):
@@ -228,6 +278,7 @@ def build_card(sources, autoencoder, classifier, image_size, report_path=None, p
         },
         "stage2_loss": (training or {}).get("stage2_loss", UNKNOWN),
         "reconstruction_weight": (training or {}).get("reconstruction_weight", UNKNOWN),
+        "training": _training(training, classifier_training),
         "evaluation": _evaluation(report, report_path, sources, provenance["model_files"]),
         "provenance": provenance,
         "software": {
@@ -261,6 +312,7 @@ def markdown(card):
         f"{card['reconstruction_weight']})",
         f"- Defense trained on: `{json.dumps(card['data']['defense_training'])}`",
         f"- Classifier trained on: `{json.dumps(card['data']['classifier_training'])}`",
+        *_training_lines(card["training"]),
         "",
         "## Evaluation",
     ]
@@ -284,6 +336,53 @@ def markdown(card):
     report = card["provenance"].get("report")
     lines.append(f"- report `{report['path']}`: `{report['sha256']}`" if report else "- no report")
     return "\n".join([*lines, ""])
+
+
+def _budget_text(budget):
+    return (
+        f"{budget['train_steps']} steps of batch {budget['global_batch_size']}, peak learning "
+        f"rate {budget['learning_rate']} ({budget['schedule']}), augmentation {budget['augment']}"
+    )
+
+
+def _attack_text(attack):
+    shown = dict(attack)
+    for key in ("train_eps", "train_step_size"):
+        if isinstance(shown.get(key), int | float):
+            shown[key] = config_io.unparse_eps_list((shown[key],))
+    if shown.get("train_step_size") is None:
+        shown["train_step_size"] = "default"
+    return ", ".join(f"{key} {value}" for key, value in shown.items())
+
+
+def _training_lines(training):
+    """The training section of the Markdown card (every value from `training`)."""
+    stage2, stage1, classifier = training["stage2"], training["stage1"], training["classifier"]
+    lines = []
+    if isinstance(stage2, dict):
+        line = (
+            f"- Stage 2: objective {stage2['objective']}, trains the {stage2['trainable']}; "
+            f"{_budget_text(stage2)}"
+        )
+        if "inner_attack" in stage2:
+            line += f"; inner attack: {_attack_text(stage2['inner_attack'])}"
+        lines.append(line)
+    else:
+        lines.append(f"- Stage 2 training: {stage2}")
+    lines.append(
+        f"- Stage 1: {_budget_text(stage1)}" if isinstance(stage1, dict) else f"- Stage 1: {stage1}"
+    )
+    if isinstance(classifier, dict):
+        line = (
+            f"- Classifier training: objective {classifier['objective']}; "
+            f"{_budget_text(classifier)}"
+        )
+        if "inner_attack" in classifier:
+            line += f"; inner attack: {_attack_text(classifier['inner_attack'])}"
+        lines.append(line)
+    else:
+        lines.append(f"- Classifier training: {classifier} (not trained by s2s_tf, or no config)")
+    return lines
 
 
 def _provenance_lines(evaluation):

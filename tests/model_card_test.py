@@ -15,14 +15,18 @@ import tensorflow as tf
 
 from s2s_tf import config_io
 from s2s_tf import constants
+from s2s_tf import data as data_lib
 from s2s_tf.export import export_lib
 from s2s_tf.export import model_card
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
 from s2s_tf.models import s2s_model
+from s2s_tf.train import adversarial
 from s2s_tf.train import losses
+from s2s_tf.train import optim
 from s2s_tf.train import stages
 from s2s_tf.train import train_lib
+from s2s_tf.train import trainer
 
 SIZE = (16, 16)
 TINY_AE = ae_lib.AutoencoderConfig(stage_widths=((4,), (8,)))
@@ -202,6 +206,92 @@ class ModelCardTest(tf.test.TestCase):
             self.assertIn(shown, text)
         self.assertLess(text.index("| 2/255 |"), text.index("| 16/255 | 5.0% | 1.0%-17.0% | 1 |"))
         self.assertNotIn("WARNING", text)
+
+    def test_training_objectives_and_budgets_are_named(self):
+        """An adversarial stage 2 over a stage-1 autoencoder, in front of a Madry classifier."""
+        workdir = self.get_temp_dir()
+        model = stages.ModelConfig(
+            classifier="testing",
+            image_size=SIZE,
+            autoencoder=TINY_AE,
+            classifier_path=constants.classifier_path(workdir),
+            autoencoder_path=constants.autoencoder_path(workdir),
+        )
+
+        def save(stage, steps, batch, rate, augment, **fields):
+            config = train_lib.TrainConfig(
+                stage=stage,
+                model=model,
+                train_data=data_lib.DataConfig(global_batch_size=batch, augment=augment),
+                loop=trainer.LoopConfig(train_steps=steps),
+                optimizer=optim.OptimizerConfig(learning_rate=rate),
+                **fields,
+            )
+            directory = os.path.join(workdir, stage)
+            os.makedirs(directory, exist_ok=True)
+            config_io.save_config(config, directory)
+
+        stage2_attack = adversarial.AdversarialConfig(
+            train_eps=4 / 255, train_attack_steps=3, robust_weight=2.5
+        )
+        save(
+            "stage2", 123, 48, 7e-4, "crop",
+            stage2_objective="adversarial", stage2_trainable="autoencoder",
+            adversarial=stage2_attack,
+        )  # fmt: skip
+        save("stage1", 77, 32, 2e-3, "crop_flip")
+        madry = adversarial.AdversarialConfig(train_eps=6 / 255, train_attack="fgsm_rs")
+        save("stage0", 55, 16, 1e-3, "off", stage0_objective="adversarial", adversarial=madry)
+        sources = {"defended_path": constants.defended_path(workdir)}
+        card = model_card.build_card(
+            sources, self.autoencoder, self.classifier, SIZE, None,
+            provenance={"model_files": {}, "report": None},
+        )  # fmt: skip
+        card = json.loads(json.dumps(card))
+        training = card["training"]
+        self.assertEqual(
+            training["stage2"],
+            {
+                "objective": "adversarial",
+                "trainable": "autoencoder",
+                "train_steps": 123,
+                "global_batch_size": 48,
+                "learning_rate": 7e-4,
+                "schedule": optim.OptimizerConfig().schedule,
+                "augment": "crop",
+                "inner_attack": {
+                    "train_eps": 4 / 255,
+                    "train_attack": stage2_attack.train_attack,
+                    "train_attack_steps": 3,
+                    "train_step_size": None,
+                    "robust_weight": 2.5,
+                    "train_surrogate_temperature": stage2_attack.train_surrogate_temperature,
+                },
+            },
+        )
+        self.assertEqual(training["stage1"]["train_steps"], 77)
+        self.assertEqual(training["stage1"]["augment"], "crop_flip")
+        self.assertEqual(training["classifier"]["objective"], "adversarial")
+        self.assertEqual(training["classifier"]["train_steps"], 55)
+        self.assertEqual(training["classifier"]["inner_attack"]["train_attack"], "fgsm_rs")
+        self.assertNotIn("robust_weight", training["classifier"]["inner_attack"])
+        text = model_card.markdown(card)
+        for shown in (
+            "- Stage 2: objective adversarial, trains the autoencoder; 123 steps of batch 48",
+            "augmentation crop; inner attack: train_eps 4/255, train_attack",
+            "train_attack_steps 3, train_step_size default, robust_weight 2.5",
+            "- Stage 1: 77 steps of batch 32",
+            "augmentation crop_flip",
+            "- Classifier training: objective adversarial; 55 steps of batch 16",
+            "train_eps 6/255, train_attack fgsm_rs",
+        ):
+            self.assertIn(shown, text)
+        # The class fixture's paper stage 2 has no stage-1 or classifier config beside it.
+        paper = self._card(None)[0]["training"]
+        self.assertEqual(paper["stage2"]["objective"], "paper")
+        self.assertNotIn("inner_attack", paper["stage2"])
+        self.assertEqual(paper["stage1"], model_card.UNKNOWN)
+        self.assertEqual(paper["classifier"], model_card.UNKNOWN)
 
     def test_undecided_checks_are_not_called_not_run(self):
         self._write_report(_report(self.defended, _sha256(self.defended)))
