@@ -10,6 +10,7 @@
 - the settings parse budgets like "8/255" and reject bad ones.
 """
 
+import dataclasses
 import os
 import tempfile
 
@@ -27,6 +28,7 @@ from s2s_tf.train import adversarial
 from s2s_tf.train import checkpointing
 from s2s_tf.train import optim
 from s2s_tf.train import stages
+from s2s_tf.train import train_lib
 from s2s_tf.train import trainer
 
 TINY_AE = ae_lib.AutoencoderConfig(stage_widths=((4,), (8,)))
@@ -123,6 +125,25 @@ class AdversarialStage2Test(tf.test.TestCase, parameterized.TestCase):
             for b, a in zip(before[1], after[1], strict=True):
                 self.assertAllEqual(b, a)  # BatchNorm moving statistics included
         self.assertTrue(any(changed[2]), "the decoder did not change")
+
+    @parameterized.parameters(
+        ("paper", "auto", "decoder"),
+        ("adversarial", "auto", "autoencoder"),
+        ("adversarial", "decoder", "decoder"),
+        ("paper", "autoencoder", "autoencoder"),
+    )
+    def test_auto_trains_what_measured_better_for_the_objective(self, objective, given, trains):
+        config = train_lib.TrainConfig(
+            stage="stage2",
+            model=stages.ModelConfig(autoencoder_path="stage1/autoencoder.keras"),
+            stage2_objective=objective,
+            stage2_trainable=given,
+        )
+        config.validate()
+        self.assertEqual(train_lib.TrainConfig().stage2_trainable, "auto")
+        self.assertEqual(train_lib.resolve(config).stage2_trainable, trains)
+        with self.assertRaisesRegex(ValueError, "stage2_trainable must be one of"):
+            dataclasses.replace(config, stage2_trainable="encoder").validate()
 
     @parameterized.parameters(("kl", False), ("xent", True))
     def test_labels_enter_the_loss_only_with_xent(self, loss, uses_labels):
