@@ -355,31 +355,29 @@ def _attack_text(attack):
     return ", ".join(f"{key} {value}" for key, value in shown.items())
 
 
+def _stage_line(head, stage):
+    """`head`, the stage's budget and, for adversarial training, its inner attack."""
+    line = f"{head}; {_budget_text(stage)}"
+    if "inner_attack" in stage:
+        line += f"; inner attack: {_attack_text(stage['inner_attack'])}"
+    return line
+
+
 def _training_lines(training):
     """The training section of the Markdown card (every value from `training`)."""
     stage2, stage1, classifier = training["stage2"], training["stage1"], training["classifier"]
     lines = []
     if isinstance(stage2, dict):
-        line = (
-            f"- Stage 2: objective {stage2['objective']}, trains the {stage2['trainable']}; "
-            f"{_budget_text(stage2)}"
-        )
-        if "inner_attack" in stage2:
-            line += f"; inner attack: {_attack_text(stage2['inner_attack'])}"
-        lines.append(line)
+        head = f"- Stage 2: objective {stage2['objective']}, trains the {stage2['trainable']}"
+        lines.append(_stage_line(head, stage2))
     else:
         lines.append(f"- Stage 2 training: {stage2}")
     lines.append(
         f"- Stage 1: {_budget_text(stage1)}" if isinstance(stage1, dict) else f"- Stage 1: {stage1}"
     )
     if isinstance(classifier, dict):
-        line = (
-            f"- Classifier training: objective {classifier['objective']}; "
-            f"{_budget_text(classifier)}"
-        )
-        if "inner_attack" in classifier:
-            line += f"; inner attack: {_attack_text(classifier['inner_attack'])}"
-        lines.append(line)
+        head = f"- Classifier training: objective {classifier['objective']}"
+        lines.append(_stage_line(head, classifier))
     else:
         lines.append(f"- Classifier training: {classifier} (not trained by s2s_tf, or no config)")
     return lines
