@@ -315,6 +315,31 @@ class EvaluatorTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "threat model 'white_box'.*zero"):
             evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
 
+    def test_nan_gradient_stops_the_evaluation(self):
+        shape = (8, 8, 3)
+        models = _tiny_models(shape)
+        classifier = models.classifier
+
+        @tf.custom_gradient
+        def nan_backward(x):
+            return tf.identity(x), lambda upstream: upstream * float("nan")
+
+        models.defended = lambda x: classifier(nan_backward(x))
+        images, labels = _template_images(shape, 12)
+        config = _small_config(threat_models=("white_box",))
+        with self.assertRaisesRegex(ValueError, "threat model 'white_box'.*NaN"):
+            evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
+
+    def test_gradient_check_traces_once_per_model(self):
+        # A streaming evaluation checks every shard; the check must not trace each time.
+        shape = (8, 8, 3)
+        models = _tiny_models(shape)
+        images, labels = _template_images(shape, 12)
+        for start in (0, 4, 8):
+            runner.check_gradients(models.defended, images[start:], labels[start:], "defended")
+        compiled = runner._gradient_fn(models.defended)
+        self.assertEqual(compiled.experimental_get_tracing_count(), 2)  # a 2nd shape: unknown
+
     def test_rows_start_from_clean_correctness(self):
         shape = (8, 8, 3)
         models = _tiny_models(shape)

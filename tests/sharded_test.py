@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import tempfile
 
 import keras
@@ -148,6 +149,35 @@ class ShardedAttacksTest(tf.test.TestCase):
         with open(path, "wb") as f:
             f.write(b"two")
         self.assertNotEqual(first, sharded.file_fingerprint([path, None]))
+
+    def test_file_fingerprint_is_the_bytes_not_the_path(self):
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "m.keras")
+        with open(path, "wb") as f:
+            f.write(b"model")
+        copy = os.path.join(tempfile.mkdtemp(), "elsewhere.keras")
+        shutil.copy(path, copy)
+        first = sharded.file_fingerprint([path, None])
+        # The same bytes elsewhere, or by a relative path, are the same models.
+        self.assertEqual(sharded.file_fingerprint([copy, None]), first)
+        relative = os.path.relpath(path)
+        self.assertEqual(sharded.file_fingerprint([relative, None]), first)
+        # Which model a file is, and the names the results use, count.
+        self.assertNotEqual(sharded.file_fingerprint([None, path]), first)
+        self.assertNotEqual(sharded.file_fingerprint([path, None], names=["vgg16"]), first)
+        # A folder counts with its files' relative paths and bytes.
+        folder = os.path.join(directory, "saved")
+        os.makedirs(os.path.join(folder, "variables"))
+        with open(os.path.join(folder, "variables", "v"), "wb") as f:
+            f.write(b"weights")
+        key = sharded.file_fingerprint([folder])
+        moved = shutil.copytree(folder, os.path.join(tempfile.mkdtemp(), "other"))
+        self.assertEqual(sharded.file_fingerprint([moved]), key)
+        with open(os.path.join(moved, "variables", "v"), "wb") as f:
+            f.write(b"changed")
+        self.assertNotEqual(sharded.file_fingerprint([moved]), key)
+        with self.assertRaisesRegex(FileNotFoundError, "missing.keras"):
+            sharded.file_fingerprint([os.path.join(directory, "missing.keras")])
 
 
 if __name__ == "__main__":

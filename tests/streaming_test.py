@@ -441,6 +441,12 @@ class PartsTest(tf.test.TestCase):
         hotter = dataclasses.replace(CONFIG, surrogate_temperatures=(0.3, 2.0))
         self.assertNotEqual(streaming.shard_key("m", hotter, data), key)
         self.assertNotEqual(streaming.shard_key("m", CONFIG, data_config("/other", SIZE)), key)
+        # The surrogate's scales, measured on the split's first examples (fewer in a
+        # shorter evaluation), change the attacks' results.
+        scaled = streaming.shard_key("m", CONFIG, data, {"pool1": 0.5})
+        self.assertNotEqual(scaled, key)
+        self.assertNotEqual(streaming.shard_key("m", CONFIG, data, {"pool1": 0.25}), scaled)
+        self.assertEqual(streaming.shard_key("m", CONFIG, data, {"pool1": 0.5}), scaled)
         # The split's length and the batch size do not change an example's result.
         longer = dataclasses.replace(data, num_examples=5, global_batch_size=3)
         self.assertEqual(

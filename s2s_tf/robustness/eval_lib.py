@@ -115,6 +115,12 @@ class EvalRunConfig:
         paths = [self.defended_path, self.autoencoder_path, self.classifier_path]
         return paths + [path for _, path in (*self.transfer_classifiers, *self.transfer_defended)]
 
+    def model_key(self):
+        """The models' identity in the shard keys: their files' bytes and the transfer
+        models' names (`sharded.file_fingerprint`), not the paths they lie at."""
+        names = [name for name, _ in (*self.transfer_classifiers, *self.transfer_defended)]
+        return sharded_lib.file_fingerprint(self.model_paths(), names)
+
     def validate(self):
         """Raises ValueError / FileNotFoundError naming what is wrong or missing."""
         self.attack.validate()
@@ -258,7 +264,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         stream=config.stream,
         worker=worker,
         strategy=strategy,
-        model_key=sharded_lib.file_fingerprint(config.model_paths()),
+        model_key=config.model_key(),
         progress=progress,
         summary_dir=os.path.join(outdir, "tensorboard"),
     )
@@ -269,7 +275,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         data,
         config.attack,
         os.path.join(outdir, "shards"),
-        model_key=sharded_lib.file_fingerprint(config.model_paths()),
+        model_key=config.model_key(),
         stream=config.stream,
         worker=worker,
         strategy=strategy,

@@ -261,13 +261,49 @@ class ShardedAttacks:
         return self._evaluators[key][0]
 
 
-def file_fingerprint(paths):
-    """A short hash of the given files' bytes (the identity of the evaluated models)."""
+def file_fingerprint(paths, names=()):
+    """A short hash of the given model files' bytes (the identity of the evaluated models).
+
+    What counts is each file's bytes, its place in `paths` (which model it is) and
+    `names` (what the results call the models), not where it lies: the same files
+    named by a relative or an absolute path, or mounted elsewhere on another
+    worker, keep their key and their shards. A folder (a SavedModel) counts with
+    every file under it, by relative path and bytes.
+
+    Args:
+      paths: model files or folders, in a fixed order; None or "" for an absent one.
+      names: strings that name the models in the results.
+
+    Raises:
+      FileNotFoundError: for a path that does not exist.
+    """
     digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"name:{name}\0".encode())
     for path in paths:
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        digest.update(str(path).encode())
+        if not path:
+            digest.update(b"absent\0")
+            continue
+        if os.path.isdir(path):
+            files = sorted(
+                os.path.relpath(os.path.join(root, file_name), path)
+                for root, _, file_names in os.walk(path)
+                for file_name in file_names
+            )
+            digest.update(f"folder:{len(files)}\0".encode())
+            for relative in files:
+                digest.update(f"{relative}\0".encode())
+                _hash_file(digest, os.path.join(path, relative))
+        elif os.path.isfile(path):
+            digest.update(b"file\0")
+            _hash_file(digest, path)
+        else:
+            raise FileNotFoundError(f"model file not found: {path}")
+        digest.update(b"\0end\0")
     return digest.hexdigest()[:16]
+
+
+def _hash_file(digest, path):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)

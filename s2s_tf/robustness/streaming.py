@@ -124,13 +124,16 @@ def worker_from_tf_config(raw):
     return Worker(index if kind == "chief" else chiefs + index, chiefs + workers)
 
 
-def shard_key(model_key, config, data):
+def shard_key(model_key, config, data, scales=None):
     """What a shard's results depend on besides its examples' range (a file-name fingerprint).
 
     The models, every setting of the evaluation (`sharded.settings_key`: all but
-    the number of examples), the evaluation and attack code, and the data: its
+    the number of examples), the evaluation and attack code, the data: its
     source, split, folder and preprocessing (not its batch size or length, so a
-    longer evaluation of the same split reuses the shards it shares).
+    longer evaluation of the same split reuses the shards it shares), and the
+    surrogate's calibrated `scales` (measured on the split's first examples, as
+    many as the evaluation has up to `surrogate_calibration_examples`: a shorter
+    evaluation may have measured others).
     """
     data_fields = dataclasses.asdict(data)
     for name in ("global_batch_size", "num_examples", "shuffle_buffer", "cache", "augment"):
@@ -141,6 +144,9 @@ def shard_key(model_key, config, data):
             "settings": sharded_lib.settings_key(config),
             "code": sharded_lib.loaded_code_version(EVALUATION_CODE),
             "data": data_fields,
+            "surrogate_scales": None
+            if scales is None
+            else {k: float(v) for k, v in scales.items()},
         },
         sort_keys=True,
         default=repr,
@@ -190,7 +196,9 @@ def evaluate_split(
     data = dataclasses.replace(data, num_examples=min(bounds) if bounds else None)
     total = input_pipeline.count_examples(data)
     ranges = shard_ranges(total, stream.shard_size)
-    files = ShardFiles(shard_dir, shard_key(model_key, config, data))
+    _calibrate(models, data, config)
+    scales = getattr(models, "scales", None)
+    files = ShardFiles(shard_dir, shard_key(model_key, config, data, scales))
     mine = worker.shards(len(ranges))
     todo = [i for i in mine if files.read(*ranges[i]) is None]
     progress(
@@ -198,7 +206,6 @@ def evaluate_split(
         f"shards of {stream.shard_size}; {len(mine)} are this worker's, {len(todo)} to compute"
     )
     meter = _Meter(total, ranges, files, progress, summary_dir, worker)
-    _calibrate(models, data, config)
     # One ShardedAttacks for every shard: its compiled steps serve them all.
     sharded = None
     if strategy is not None:
