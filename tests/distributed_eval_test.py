@@ -326,6 +326,26 @@ class EngineTest(tf.test.TestCase):
         self.assertEqual(results["label"].dtype, np.int32)
         self.assertAllClose(results["mean"], self.images.mean(axis=(1, 2, 3)))
 
+    def test_batches_are_even_and_padded_to_the_granule(self):
+        rows_seen = []
+
+        def fn(x, y, index):
+            # Runs once per batch (inside the compiled step, as a py_function).
+            tf.py_function(lambda n: rows_seen.append(int(n)), [tf.shape(x)[0]], [])
+            return _identity_fn(x, y, index)
+
+        rng = np.random.default_rng(1)
+        images = rng.uniform(size=(333, 2, 2, 3)).astype(np.float32)
+        labels = rng.integers(0, 10, size=333)
+        results = distributed.evaluate_examples(None, fn, images, labels, batch_size=250)
+        self.assertAllEqual(results["index"], np.arange(333))
+        # 333 in batches of at most 250: 167 + 166 rows, each padded to 168 (a multiple
+        # of 8), not 250 + 83 with the 83 padded to 128 or to 250.
+        self.assertEqual(rows_seen, [168, 168])
+        rows_seen.clear()
+        distributed.evaluate_examples(None, fn, images[:19], labels[:19], batch_size=250)
+        self.assertEqual(rows_seen, [24])
+
     def test_shard_files_are_named_by_range(self):
         key = "identity"
         self._evaluate(key=key)

@@ -17,12 +17,15 @@ replica (an attack's eps and step size), so one compiled step serves them all.
 - Each global batch is cut into one contiguous slice per replica; each replica
   runs `fn` on its slice inside one `tf.function` (`strategy.run`), and
   `strategy.gather` brings the per-example results back in example order, on
-  every worker. The last batch is padded with zero images (index -1) to
-  `ROW_GRANULE` times a power of two rows per replica (not to a full batch: a
-  small last batch costs little, and few distinct shapes are compiled), and the
-  padded rows are dropped, so no replica ever sees an empty batch and 1, 2 or 3
-  replicas give the same per-example results when `fn` is a function of each
-  example alone.
+  every worker. The examples are split evenly over the fewest batches of at
+  most the global batch (333 examples in batches of 250: 167 + 166, not 250 +
+  83), and each batch is padded with zero images (index -1) to a multiple of
+  `ROW_GRANULE` rows per replica: at most 7 padded rows per replica and batch
+  (a shard's last batch padded to a power of two, or to a full batch, cost up
+  to half or all of a batch per attack run and shard), and at most
+  per-replica-batch / 8 distinct shapes. The padded rows are dropped, so no
+  replica ever sees an empty batch and 1, 2 or 3 replicas give the same
+  per-example results when `fn` is a function of each example alone.
 - With `shard_dir`, the examples are cut into shards of `shard_size`; each
   finished shard is written atomically (a temporary name in the same folder,
   then `os.replace`) as `shard-<fingerprint of key>-<start>-<end>.npz`, holding
@@ -48,7 +51,7 @@ from s2s_tf.train import distribute
 
 DEFAULT_SHARD_SIZE = 1024
 PAD_INDEX = -1
-# A last, partial batch is padded to this many rows per replica times a power of two.
+# A batch is padded to a multiple of this many rows per replica.
 ROW_GRANULE = 8
 _PREFIX = "shard"
 _META_KEY = "__key__"
@@ -277,14 +280,17 @@ def _run_shard(step, examples, args, span, per_replica):
     """Computes the examples `[start, end)` = `span` batch by batch; returns their results.
 
     `examples` holds the images, labels and indices (the indices' padding is
-    `PAD_INDEX`); every batch but the last has `per_replica` rows per replica.
+    `PAD_INDEX`); the span is split evenly over the fewest batches of at most
+    `per_replica` rows per replica.
     """
     images, labels, indices = examples
     (start, end), replicas = span, step.replicas
     global_batch = per_replica * replicas
+    count = math.ceil((end - start) / global_batch)
+    size = math.ceil((end - start) / count)
     parts = []
-    for begin in range(start, end, global_batch):
-        stop = min(begin + global_batch, end)
+    for begin in range(start, end, size):
+        stop = min(begin + size, end)
         rows = replicas * _padded_rows(math.ceil((stop - begin) / replicas), per_replica)
         outputs = step(
             _pad_rows(images[begin:stop], rows, 0),
@@ -297,17 +303,13 @@ def _run_shard(step, examples, args, span, per_replica):
 
 
 def _padded_rows(needed, per_replica):
-    """Rows per replica for a batch that needs `needed`: `ROW_GRANULE` times a power of two.
+    """Rows per replica for a batch that needs `needed`: the next multiple of `ROW_GRANULE`.
 
-    A full batch is `per_replica` rows. A smaller one is padded to the next of
-    8, 16, 32, ... rows (at most twice what it needs): few distinct shapes, so
-    the kernels compiled and the memory they cache stop growing after the first
-    batches, while a small last batch does not cost a full one.
+    At most `per_replica` (a full batch). At most 7 rows are computed for nothing,
+    and the distinct shapes (each with its own kernels and their cached memory)
+    are at most `per_replica / ROW_GRANULE` + 1 whatever the number of batches.
     """
-    rows = ROW_GRANULE
-    while rows < needed:
-        rows *= 2
-    return min(rows, per_replica)
+    return min(-(-needed // ROW_GRANULE) * ROW_GRANULE, per_replica)
 
 
 def _pad_rows(array, rows, value):
