@@ -305,30 +305,27 @@ class EvaluatorTest(tf.test.TestCase):
         large = runs[evaluation.run_key("check_large_eps", "pgd", config.large_eps)]
         self.assertEqual(large["source"], "surrogate@1")
 
-    def test_zero_gradient_stops_the_evaluation(self):
+    def _evaluate_white_box_through(self, backward):
+        """Evaluates a defended model whose input passes `backward` first."""
         shape = (8, 8, 3)
         models = _tiny_models(shape)
         classifier = models.classifier
-        models.defended = lambda x: classifier(tf.stop_gradient(x))
+        models.defended = lambda x: classifier(backward(x))
         images, labels = _template_images(shape, 12)
         config = _small_config(threat_models=("white_box",))
+        evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
+
+    def test_zero_gradient_stops_the_evaluation(self):
         with self.assertRaisesRegex(ValueError, "threat model 'white_box'.*zero"):
-            evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
+            self._evaluate_white_box_through(tf.stop_gradient)
 
     def test_nan_gradient_stops_the_evaluation(self):
-        shape = (8, 8, 3)
-        models = _tiny_models(shape)
-        classifier = models.classifier
-
         @tf.custom_gradient
         def nan_backward(x):
             return tf.identity(x), lambda upstream: upstream * float("nan")
 
-        models.defended = lambda x: classifier(nan_backward(x))
-        images, labels = _template_images(shape, 12)
-        config = _small_config(threat_models=("white_box",))
         with self.assertRaisesRegex(ValueError, "threat model 'white_box'.*NaN"):
-            evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
+            self._evaluate_white_box_through(nan_backward)
 
     def test_gradient_check_traces_once_per_model(self):
         # A streaming evaluation checks every shard; the check must not trace each time.

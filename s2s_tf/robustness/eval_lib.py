@@ -113,13 +113,21 @@ class EvalRunConfig:
     def model_paths(self):
         """Every model file this run reads (None where a path is not given)."""
         paths = [self.defended_path, self.autoencoder_path, self.classifier_path]
-        return paths + [path for _, path in (*self.transfer_classifiers, *self.transfer_defended)]
+        return paths + [path for _, path in self._transfer_models()]
 
-    def model_key(self):
+    def model_key(self, digests=None):
         """The models' identity in the shard keys: their files' bytes and the transfer
-        models' names (`sharded.file_fingerprint`), not the paths they lie at."""
-        names = [name for name, _ in (*self.transfer_classifiers, *self.transfer_defended)]
-        return sharded_lib.file_fingerprint(self.model_paths(), names)
+        models' names (`sharded.file_fingerprint`), not the paths they lie at.
+
+        Args:
+          digests: `s2s_model.file_digests(self.model_paths())`, if already computed.
+        """
+        names = [name for name, _ in self._transfer_models()]
+        return sharded_lib.file_fingerprint(self.model_paths(), names, digests)
+
+    def _transfer_models(self):
+        """(name, path) of every further model of the transfer matrix."""
+        return (*self.transfer_classifiers, *self.transfer_defended)
 
     def validate(self):
         """Raises ValueError / FileNotFoundError naming what is wrong or missing."""
@@ -249,6 +257,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
     worker = worker or streaming.Worker()
     # The bytes evaluated, hashed before they are read: the export's model card compares them.
     model_files = s2s_model.file_digests(config.model_paths())
+    model_key = config.model_key(model_files)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         models, defended, purifier, own = load_models(config)
     data = dataclasses.replace(
@@ -264,7 +273,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         stream=config.stream,
         worker=worker,
         strategy=strategy,
-        model_key=config.model_key(),
+        model_key=model_key,
         progress=progress,
         summary_dir=os.path.join(outdir, "tensorboard"),
     )
@@ -275,7 +284,7 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         data,
         config.attack,
         os.path.join(outdir, "shards"),
-        model_key=config.model_key(),
+        model_key=model_key,
         stream=config.stream,
         worker=worker,
         strategy=strategy,

@@ -26,6 +26,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from s2s_tf.models import s2s_model
 from s2s_tf.robustness import distributed
 from s2s_tf.robustness import runner
 from s2s_tf.robustness.attacks import base
@@ -261,49 +262,28 @@ class ShardedAttacks:
         return self._evaluators[key][0]
 
 
-def file_fingerprint(paths, names=()):
+def file_fingerprint(paths, names=(), digests=None):
     """A short hash of the given model files' bytes (the identity of the evaluated models).
 
-    What counts is each file's bytes, its place in `paths` (which model it is) and
-    `names` (what the results call the models), not where it lies: the same files
-    named by a relative or an absolute path, or mounted elsewhere on another
-    worker, keep their key and their shards. A folder (a SavedModel) counts with
-    every file under it, by relative path and bytes.
+    What counts is each file's SHA-256, its place in `paths` (which model it is)
+    and `names` (what the results call the models), not where it lies: the same
+    files named by a relative or an absolute path, or mounted elsewhere on another
+    worker, keep their key and their shards.
 
     Args:
-      paths: model files or folders, in a fixed order; None or "" for an absent one.
+      paths: model files, in a fixed order; None or "" for an absent one.
       names: strings that name the models in the results.
+      digests: {path: SHA-256} of `paths` as `s2s_model.file_digests` returns
+        them, when already computed (the files are then not read again).
 
     Raises:
-      FileNotFoundError: for a path that does not exist.
+      FileNotFoundError: for a path that is not a file.
     """
+    if digests is None:
+        digests = s2s_model.file_digests(paths)
     digest = hashlib.sha256()
     for name in names:
         digest.update(f"name:{name}\0".encode())
     for path in paths:
-        if not path:
-            digest.update(b"absent\0")
-            continue
-        if os.path.isdir(path):
-            files = sorted(
-                os.path.relpath(os.path.join(root, file_name), path)
-                for root, _, file_names in os.walk(path)
-                for file_name in file_names
-            )
-            digest.update(f"folder:{len(files)}\0".encode())
-            for relative in files:
-                digest.update(f"{relative}\0".encode())
-                _hash_file(digest, os.path.join(path, relative))
-        elif os.path.isfile(path):
-            digest.update(b"file\0")
-            _hash_file(digest, path)
-        else:
-            raise FileNotFoundError(f"model file not found: {path}")
-        digest.update(b"\0end\0")
+        digest.update(f"{digests[path] if path else 'absent'}\0".encode())
     return digest.hexdigest()[:16]
-
-
-def _hash_file(digest, path):
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
