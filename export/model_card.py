@@ -177,8 +177,8 @@ def _convergence(results):
     for eps, row in (results.get("convergence") or {}).items():
         reruns = {
             what: {"passed": row[what].get("passed"), "detail": row[what].get("detail")}
-            for what in ("more_steps", "more_restarts")
-            if isinstance(row.get(what), dict)
+            for what in row
+            if what.startswith("more_") and isinstance(row.get(what), dict)
         }
         details[eps] = {"converged": row.get("converged"), "source": row.get("source"), **reruns}
     return {"converged": results["converged"], "convergence": details}
@@ -416,9 +416,8 @@ def _convergence_lines(evaluation):
             row.get("converged"), str(row.get("converged"))
         )
         lines.append(f"- {eps} ({row.get('source') or 'n/a'}): {state}")
-        for what in ("more_steps", "more_restarts"):
-            if what in row:
-                lines.append(f"  - {what.replace('_', ' ')}: {row[what]['detail']}")
+        for what in [w for w in row if w.startswith("more_")]:
+            lines.append(f"  - {what.replace('_', ' ')}: {row[what]['detail']}")
     return lines
 
 

@@ -42,6 +42,8 @@ def _results(**fooled):
         "check_restarts": fooled.get("restarts", base),
         "check_base": fooled.get("surrogate", base),
     }
+    if "more_steps_x4" in fooled:  # a second round, based on the first
+        full["check_more_steps_x4"] = fooled["more_steps_x4"]
     per_example, runs = {}, {}
     for threat, examples in full.items():
         key = evaluation.run_key(threat, "pgd", EPS)
@@ -104,7 +106,7 @@ class ChecksTest(parameterized.TestCase, tf.test.TestCase):
         (
             "more_steps_help",
             dict(more_steps=range(30)),
-            "more steps do not help pgd on surrogate@1",
+            "twice the steps do not help pgd on surrogate@1",
         ),
         ("restarts_help", dict(restarts=range(30)), "more restarts"),
         ("gray_box_stronger", dict(gray=range(30)), "gray_box pgd does not beat white-box"),
@@ -137,6 +139,28 @@ class ChecksTest(parameterized.TestCase, tf.test.TestCase):
         self.assertEqual(convergence["8/255"]["source"], "surrogate@1")
         self.assertIs(convergence["8/255"]["converged"], expected)
         self.assertIs(checks.overall_convergence(convergence), expected)
+
+    @parameterized.named_parameters(
+        # Round 1 (twice the steps) fools 10 more; round 2 (4x) none beyond round 1.
+        ("second_round_converges", dict(more_steps=range(30), more_steps_x4=range(30)), True),
+        # Round 2 still fools 10 more than round 1 did.
+        ("second_round_helps", dict(more_steps=range(30), more_steps_x4=range(40)), False),
+        # Round 1 fooled nothing new but round 2 does: the last round decides.
+        ("late_help", dict(more_steps_x4=range(30)), False),
+    )
+    def test_the_last_round_decides(self, fooled, expected):
+        results = _results(**fooled)
+        convergence = checks.convergence(results, CONFIG)["8/255"]
+        self.assertIs(convergence["converged"], expected)
+        self.assertEqual(convergence["deciding"], ["more_steps_x4", "more_restarts"])
+        # Round 2 is paired with round 1, not with the reference run.
+        self.assertEqual(
+            convergence["more_steps_x4"]["only_b"],
+            len(fooled["more_steps_x4"]) - len(fooled.get("more_steps", range(20))),
+        )
+        failed = _by_outcome(checks.sanity_checks(results, CONFIG))["failed"]
+        self.assertEqual(bool(failed), not expected, failed)
+        self.assertTrue(all("4x the steps" in name for name in failed), failed)
 
     def test_overall_convergence(self):
         def of(*verdicts):

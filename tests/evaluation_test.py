@@ -1,6 +1,7 @@
 """Tests for s2s_tf/robustness/evaluation.py: configs, presets, the Evaluator, transfer."""
 
 import time
+from unittest import mock
 
 import keras
 import numpy as np
@@ -158,6 +159,7 @@ def _small_config(**overrides):
         surrogate_calibration_examples=4,
         check_attack="pgd",
         threat_models=("surrogate", "bpda", "white_box", "gray_box", "gradient_free"),
+        convergence_rounds=1,
     )
     settings.update(overrides)
     return evaluation.EvalConfig(**settings)
@@ -282,7 +284,9 @@ class EvaluatorTest(tf.test.TestCase):
         models = _accurate_defended_models(shape)
         models.defended = _noisy_gradient(models.defended)  # white-box: a masked gradient
         images, labels = _template_images(shape, 12)
-        config = _small_config(threat_models=("white_box", "surrogate"), eps=(32 / 255,))
+        config = _small_config(
+            threat_models=("white_box", "surrogate"), eps=(32 / 255,), convergence_rounds=2
+        )
         results = evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
         runs = results["runs"]
         fooled = {
@@ -301,9 +305,44 @@ class EvaluatorTest(tf.test.TestCase):
             evaluation.run_key("check_more_steps", "pgd", 32 / 255)
         ]
         self.assertTrue(all(r <= b for r, b in zip(rerun_examples, base_examples, strict=True)))
+        # Round 2 (4x the steps) attacks what round 1 left robust, and counts in the headline.
+        round2 = runs[evaluation.run_key("check_more_steps_x4", "pgd", 32 / 255)]
+        self.assertEqual(round2["attacked"], sum(rerun_examples))
+        self.assertTrue(evaluation._is_budget_run("check_more_steps_x4/pgd/32/255", "32/255"))
+        self.assertFalse(evaluation._is_budget_run("check_base/pgd/32/255", "32/255"))
+        self.assertEqual(
+            results["convergence"]["32/255"]["deciding"], ["more_steps_x4", "more_restarts"]
+        )
         self.assertEqual(results["convergence"]["32/255"]["source"], "surrogate@1")
         large = runs[evaluation.run_key("check_large_eps", "pgd", config.large_eps)]
         self.assertEqual(large["source"], "surrogate@1")
+
+    def test_convergence_rounds_multiply_the_steps_on_what_is_left(self):
+        shape = (8, 8, 3)
+        models = _accurate_defended_models(shape)
+        images, labels = _template_images(shape, 12)
+        config = _small_config(threat_models=("white_box",), eps=(2 / 255,), convergence_rounds=3)
+        steps = {}
+        run_attack = evaluation.Evaluator.run_attack
+
+        def spy(ev, key, attack, model_fn, eps, indices, scored, **overrides):
+            steps[key.split("/")[0]] = (overrides.get("steps"), len(indices))
+            return run_attack(ev, key, attack, model_fn, eps, indices, scored, **overrides)
+
+        with mock.patch.object(evaluation.Evaluator, "run_attack", spy):
+            results = evaluation.Evaluator(models, images, labels, config, lambda _: None).run()
+        print("steps and examples per run:", steps)
+        per_example = results["per_example"]
+        rounds = ["check_more_steps", "check_more_steps_x4", "check_more_steps_x8"]
+        self.assertEqual([steps[r][0] for r in rounds], [6, 12, 24])
+        left = [sum(per_example[evaluation.run_key(r, "pgd", 2 / 255)]) for r in rounds]
+        self.assertGreater(left[0], 0)  # something is left to attack at every round
+        self.assertEqual([steps[r][1] for r in rounds[1:]], left[:-1])
+        self.assertEqual(
+            results["convergence"]["2/255"]["deciding"], ["more_steps_x8", "more_restarts"]
+        )
+        self.assertIn("more_steps_x4", results["convergence"]["2/255"])
+        self.assertLessEqual(results["headline"]["2/255"]["robust"], left[-1])
 
     def _evaluate_white_box_through(self, backward):
         """Evaluates a defended model whose input passes `backward` first."""

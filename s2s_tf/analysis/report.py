@@ -147,6 +147,9 @@ def _headline_section(headline):
     ]
 
 
+_ROUND_NAMES = {"more_steps": "2x"}
+
+
 def _convergence_section(results):
     """Whether more attack effort still fooled more examples, per eps (see `checks.convergence`)."""
     convergence = results.get("convergence")
@@ -155,21 +158,28 @@ def _convergence_section(results):
     verdict = {True: "converged", False: "**NOT CONVERGED**", None: "undecided"}
     rows = []
     for eps, row in convergence.items():
-        counts = [
-            f"{row[w]['only_b']} more / {row[w]['only_a']} fewer (p = {row[w]['p_value']:.3g})"
-            for w in ("more_steps", "more_restarts")
-            if w in row
-        ]
-        rows.append((eps, row.get("source"), *counts, verdict[row["converged"]]))
+        cells = {
+            w: f"{row[w]['only_b']} more / {row[w]['only_a']} fewer (p = {row[w]['p_value']:.3g})"
+            for w in row
+            if w.startswith("more_")
+        }
+        steps = "; ".join(
+            f"{_ROUND_NAMES.get(w, w.removeprefix('more_steps_'))}: {cell}"
+            for w, cell in cells.items()
+            if w != "more_restarts"
+        )
+        restarts = cells.get("more_restarts", "n/a")
+        rows.append((eps, row.get("source"), steps or "n/a", restarts, verdict[row["converged"]]))
     out = [
         "",
         f"**Attack convergence: {verdict[results.get('converged')]}.** At each eps the reference "
         "attack is rerun, on the threat model where it fooled the most, with twice the steps and "
-        "with more restarts (every rerun also counts in the worst case above). When more effort "
-        "still fools significantly more examples (exact McNemar), the headline is not converged: "
-        "stronger attacks would likely lower it further.",
+        "with more restarts, and with 4x, 8x, ... the steps in further rounds, each round on what "
+        "the one before left robust (every rerun also counts in the worst case above). When the "
+        "last round or the restarts still fool significantly more examples (exact McNemar), the "
+        "headline is not converged: stronger attacks would likely lower it further.",
         "",
-        _table(["eps", "rerun on", "twice the steps", "more restarts", "verdict"], rows),
+        _table(["eps", "rerun on", "more steps (rounds)", "more restarts", "verdict"], rows),
     ]
     difference = results.get("gradient_difference", {})
     if difference:

@@ -26,6 +26,7 @@ from s2s_tf.robustness.evaluation import LARGE_EPS
 from s2s_tf.robustness.evaluation import MORE_RESTARTS
 from s2s_tf.robustness.evaluation import MORE_STEPS
 from s2s_tf.robustness.evaluation import eps_key
+from s2s_tf.robustness.evaluation import more_steps_name
 from s2s_tf.robustness.evaluation import run_key
 
 # Examples of the gradient check.
@@ -197,24 +198,36 @@ class Cascade:
         return info
 
     def _convergence(self, strongest, eps, robust):
-        """Reruns the strongest reference run with twice the steps and with more restarts.
+        """Reruns the strongest reference run with twice the steps and with more restarts,
+        then with 2**k times the steps for each further round k of `convergence_rounds`.
 
-        Only on the examples it left robust (its fooled ones need no second try).
+        Only on the examples the base left robust (its fooled ones need no second try);
+        round k's base is round k-1.
         """
         config, attack = self.config, self.config.check_attack
         threat, model_fn = self.sources[strongest]
         per_example = self.ev.results["per_example"]
-        base = list(per_example[run_key(strongest, attack, eps)])
-        per_example[run_key(CHECK_BASE, attack, eps)] = base
-        # The reruns attack the examples the base run left robust; the others keep the
-        # base's result, so a rerun can only add fooled examples and the paired test is
-        # one-sided (it flags "not converged" sooner, never later).
-        base = np.asarray(base, bool)
-        reruns = (
-            (MORE_STEPS, {"steps": 2 * config.steps}),
-            (MORE_RESTARTS, {"restarts": config.restarts + config.check_extra_restarts}),
+        per_example[run_key(CHECK_BASE, attack, eps)] = list(
+            per_example[run_key(strongest, attack, eps)]
         )
-        for name, overrides in reruns:
+        # Each rerun attacks the examples its base left robust; the others keep the base's
+        # result, so a rerun can only add fooled examples and the paired test is one-sided
+        # (it flags "not converged" sooner, never later). Round k > 1 of the more-steps
+        # rerun has round k-1 as its base.
+        reruns = (
+            (MORE_STEPS, {"steps": 2 * config.steps}, CHECK_BASE),
+            (
+                MORE_RESTARTS,
+                {"restarts": config.restarts + config.check_extra_restarts},
+                CHECK_BASE,
+            ),
+            *(
+                (more_steps_name(k), {"steps": 2**k * config.steps}, more_steps_name(k - 1))
+                for k in range(2, config.convergence_rounds + 1)
+            ),
+        )
+        for name, overrides, base_name in reruns:
+            base = np.asarray(per_example[run_key(base_name, attack, eps)], bool)
             self._run(
                 strongest,
                 threat,

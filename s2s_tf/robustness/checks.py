@@ -12,8 +12,10 @@ significant result is undecided (`passed` None).
 The checks, at every eps:
 - convergence: the strongest reference run (the threat model where
   `check_attack` fooled the most) rerun with twice the steps and with more
-  restarts must not fool significantly more; `convergence` turns these into
-  the headline's "converged" verdict;
+  restarts, and with 2**k times the steps in round k of `convergence_rounds`,
+  must not fool significantly more than its base; `convergence` turns the
+  last round's and the restarts' checks into the headline's "converged"
+  verdict (the earlier rounds' checks are reported, and may fail);
 - masking: each threat model's reference run against white-box's (a
   weaker-information attack that fools more means masked gradients), and the
   gradient-free and transfer attacks against the whole gradient ensemble. A
@@ -31,6 +33,7 @@ from s2s_tf.robustness.evaluation import LARGE_EPS
 from s2s_tf.robustness.evaluation import MORE_RESTARTS
 from s2s_tf.robustness.evaluation import MORE_STEPS
 from s2s_tf.robustness.evaluation import eps_key
+from s2s_tf.robustness.evaluation import more_steps_name
 from s2s_tf.robustness.evaluation import run_key
 
 # Accuracy at the large eps must not exceed this.
@@ -101,34 +104,53 @@ def _gradient_ensemble(results, config, eps):
     return worst
 
 
+def convergence_reruns(config):
+    """(row name, run name, base run name, what it adds) of each convergence rerun, in order."""
+    reruns = [
+        ("more_steps", MORE_STEPS, CHECK_BASE, "twice the steps"),
+        ("more_restarts", MORE_RESTARTS, CHECK_BASE, "more restarts"),
+    ]
+    for k in range(2, getattr(config, "convergence_rounds", 1) + 1):
+        name = more_steps_name(k)
+        reruns.append((f"more_steps_x{2**k}", name, more_steps_name(k - 1), f"{2**k}x the steps"))
+    return reruns
+
+
 def convergence(results, config):
-    """Per eps: do twice the steps or more restarts of the strongest run still fool more?
+    """Per eps: do more steps or more restarts of the strongest run still fool more?
+
+    Each rerun is tested against its base (the reference run; round k of the
+    more-steps rerun against round k-1). The verdict at an eps is the last
+    more-steps round's and the restarts rerun's.
 
     Returns:
-      A dict eps key -> {"source", "more_steps", "more_restarts", "converged"}
-      ("converged" False when either rerun fools significantly more, None when
-      undecided, else True); eps without reruns are left out.
+      A dict eps key -> {"source", "converged", "deciding" (the reruns whose
+      checks decide), and per rerun ("more_steps", "more_restarts",
+      "more_steps_x4", ...) its check} ("converged" False when a deciding rerun
+      fools significantly more, None when undecided, else True); eps without
+      reruns are left out. Only the deciding checks are sanity checks.
     """
-    per_example, out = results["per_example"], {}
+    per_example, out, attack = results["per_example"], {}, config.check_attack
     for eps in config.eps:
-        base = run_key(CHECK_BASE, config.check_attack, eps)
-        if base not in per_example:
+        if run_key(CHECK_BASE, attack, eps) not in per_example:
             continue
-        row = {"source": results["runs"].get(run_key(MORE_STEPS, config.check_attack, eps), {})}
+        row = {"source": results["runs"].get(run_key(MORE_STEPS, attack, eps), {})}
         row["source"] = row["source"].get("source")
-        for rerun, what in ((MORE_STEPS, "more_steps"), (MORE_RESTARTS, "more_restarts")):
-            key = run_key(rerun, config.check_attack, eps)
-            if key in per_example:
-                row[what] = _check(
-                    f"{what.replace('_', ' ')} do not help {config.check_attack} on "
-                    f"{row['source']} ({eps_key(eps)})",
-                    per_example,
-                    key,
-                    base,
-                    "the attack has not converged: more effort still fools more examples",
-                )
-        verdicts = [row[w]["passed"] for w in ("more_steps", "more_restarts") if w in row]
-        by_rerun = {i: {"converged": v} for i, v in enumerate(verdicts)}
+        deciding = {}
+        for what, name, base_name, adds in convergence_reruns(config):
+            key = run_key(name, attack, eps)
+            if key not in per_example:
+                continue
+            row[what] = _check(
+                f"{adds} do not help {attack} on {row['source']} ({eps_key(eps)})",
+                per_example,
+                key,
+                run_key(base_name, attack, eps),
+                "the attack has not converged: more effort still fools more examples",
+            )
+            deciding["restarts" if name == MORE_RESTARTS else "steps"] = what
+        row["deciding"] = list(deciding.values())
+        by_rerun = {i: {"converged": row[w]["passed"]} for i, w in enumerate(row["deciding"])}
         row["converged"] = overall_convergence(by_rerun)
         out[eps_key(eps)] = row
     return out
@@ -153,7 +175,7 @@ def sanity_checks(results, config):
     checks = _large_eps_checks(results, config)
     for eps in config.eps:
         conv = convergence(results, config).get(eps_key(eps), {})
-        checks += [conv[w] for w in ("more_steps", "more_restarts") if w in conv]
+        checks += [conv[w] for w in conv.get("deciding", ())]
         references = _reference_keys(results, config, eps)
         white = references.get("white_box")
         for threat, key in references.items():

@@ -80,6 +80,11 @@ class EvalConfig:
         threat model where it fooled the most, with twice the steps and with
         more restarts.
       check_extra_restarts: restarts the convergence check adds to `restarts`.
+      convergence_rounds: rounds of the more-steps rerun: round 1 runs twice the
+        steps, round k 2**k times the steps on the examples round k-1 left
+        robust; the convergence verdict is the last round's (and the restarts
+        rerun's). A fixed number, so a split evaluated in shards runs the same
+        attacks on every example as one evaluated at once.
       large_eps: the budget at which the strongest attack must reach ~0 %.
       transfer_attack: the attack that makes the transfer matrix.
       transfer_eps: its budget (default: the largest of `eps`).
@@ -143,6 +148,12 @@ class EvalConfig:
     )
     check_attack: str | None = None
     check_extra_restarts: int = 2
+    convergence_rounds: int = setting(
+        2,
+        "Rounds of the convergence rerun of the strongest attack: round k runs 2**k times the "
+        "steps on what round k-1 left robust; the verdict is the last round's.",
+        lower_bound=1,
+    )
     large_eps: float = 64 / 255
     transfer_attack: str = "pgd"
     transfer_eps: float | None = None
@@ -171,7 +182,13 @@ class EvalConfig:
             raise ValueError(f"eps must be non-empty values in [0, 1], got {self.eps}")
         if self.num_examples is not None and self.num_examples < 1:
             raise ValueError(f"num_examples must be >= 1 or None (all), got {self.num_examples}")
-        for name in ("batch_size", "steps", "restarts", "surrogate_calibration_examples"):
+        for name in (
+            "batch_size",
+            "steps",
+            "restarts",
+            "surrogate_calibration_examples",
+            "convergence_rounds",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         parse_temperatures(unparse_temperatures(self.surrogate_temperatures))

@@ -16,10 +16,12 @@ The runs at each eps, in order:
    same worst case as running every attack on every example, in less time;
    `cascade=False` runs the full matrix);
 3. convergence: the reference run that fooled the most is rerun with twice the
-   steps and with more restarts, on the examples it left robust; when more
-   effort still fools significantly more examples (exact McNemar, one-sided
-   since the reruns keep what the base run fooled), the headline is marked
-   not converged;
+   steps and with more restarts, on the examples it left robust; with
+   `convergence_rounds` > 1, round k reruns it with 2**k times the steps on the
+   examples round k-1 left robust. When the last round (or the restarts)
+   still fools significantly more examples (exact McNemar, one-sided since
+   a rerun keeps what its base fooled), the headline is marked not
+   converged; every rerun counts in the worst case;
 and once: the large-eps runs (the strongest threat model and the surrogate
 must reach ~0 %), and the transfer matrix.
 
@@ -44,6 +46,11 @@ Models = threat_models.Models
 # Run-name prefixes of the convergence and large-eps runs.
 CHECK_BASE, MORE_STEPS, MORE_RESTARTS = "check_base", "check_more_steps", "check_restarts"
 LARGE_EPS = "check_large_eps"
+
+
+def more_steps_name(round_):
+    """The run name of convergence round `round_` (1: twice the steps; k: 2**k times)."""
+    return MORE_STEPS if round_ == 1 else f"{MORE_STEPS}_x{2**round_}"
 
 
 def eps_key(eps):
@@ -265,9 +272,7 @@ class Evaluator:
 
 def _is_budget_run(run, key):
     """Whether per-example run `run` is an attack at eps key `key` that counts in the headline."""
-    return run.endswith(f"/{key}") and not run.startswith(
-        ("clean/", f"{LARGE_EPS}", f"{CHECK_BASE}/")
-    )
+    return run.endswith(f"/{key}") and not run.startswith(("clean/", LARGE_EPS, CHECK_BASE))
 
 
 def headline(results, eps_list):
