@@ -30,6 +30,7 @@ from absl import logging
 from s2s_tf import config_io
 from s2s_tf import constants
 from s2s_tf import pipeline
+from s2s_tf.analysis import report as report_lib
 from s2s_tf.export import export_lib
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import eval_lib
@@ -142,7 +143,7 @@ def evaluate_undefended(config, path, outdir, strategy=None):
     document = {"config": config_io.config_to_dict(attack), "results": results}
     os.makedirs(outdir, exist_ok=True)
     with open(constants.report_json(outdir), "w", encoding="utf-8") as f:
-        json.dump(document, f, indent=1)
+        json.dump(document, f, indent=1, default=report_lib.jsonable)
     return document
 
 

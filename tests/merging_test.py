@@ -1,9 +1,12 @@
 """Tests for s2s_tf/robustness/merging.py: shards' results merge into one run's results."""
 
 import copy
+import json
 
+import numpy as np
 import tensorflow as tf
 
+from s2s_tf.analysis import report
 from s2s_tf.robustness import evaluation
 from s2s_tf.robustness import merging
 
@@ -41,6 +44,11 @@ def _part(correct, classifier, source="white_box", seconds=1.5, difference=0.25)
     }
 
 
+def _plain(results):
+    """`results` as the report's JSON stores them (per-example arrays as lists)."""
+    return json.loads(json.dumps(results, default=report.jsonable))
+
+
 class MergeTest(tf.test.TestCase):
     def test_parts_merge_into_the_results_of_all_their_examples(self):
         # Parts of the same size with the same counts: counts still add up.
@@ -48,7 +56,10 @@ class MergeTest(tf.test.TestCase):
         second = _part([0, 1, 0, 1], [1, 1, 1, 0], difference=0.75)
         merged = merging.merge(copy.deepcopy([first, second]), CONFIG)
         whole = _part([1, 0, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1, 1, 0], seconds=3.0)
-        self.assertEqual(merged, merging.merge([whole], CONFIG))
+        self.assertEqual(_plain(merged), _plain(merging.merge([whole], CONFIG)))
+        # One byte per example and run, whatever the parts held.
+        self.assertEqual(merged["per_example"][RUN].dtype, np.uint8)
+        self.assertEqual(merged["per_example"][RUN].tolist(), [1, 0, 1, 0, 0, 1, 0, 1])
         self.assertEqual(merged["num_examples"], 8)
         self.assertEqual(merged["runs"][RUN]["attacked"], 8)
         self.assertEqual(merged["clean"]["classifier"], 0.5)  # 1/4 and 3/4, exactly

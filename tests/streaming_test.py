@@ -35,6 +35,7 @@ import tensorflow as tf
 import s2s_tf
 from s2s_tf import data as data_lib
 from s2s_tf import testing_utils
+from s2s_tf.analysis import report
 from s2s_tf.data import input_pipeline
 from s2s_tf.models import s2s_model
 from s2s_tf.robustness import cascade
@@ -109,7 +110,7 @@ def comparable(results):
             return [strip(v) for v in value]
         return value
 
-    return json.loads(json.dumps(strip(results)))
+    return json.loads(json.dumps(strip(results), default=report.jsonable))
 
 
 def _tmpdir(test):
@@ -533,7 +534,7 @@ def _worker_main(args):
             "peak_rss_kb_by_shard": peaks,
         }
         with open(args["out"], "w") as f:
-            json.dump(output, f)
+            json.dump(output, f, default=report.jsonable)
 
 
 def peak_rss_kb():

@@ -35,6 +35,15 @@ def versions():
     return out
 
 
+def jsonable(value):
+    """`json.dump`'s `default`: numpy arrays (merged per-example results) and scalars."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r:.80}")
+
+
 def write_report(document, outdir, examples=None, histograms=None, plots=None):
     """Writes robustness.json, report.md and the plots into `outdir`.
 
@@ -60,7 +69,7 @@ def write_report(document, outdir, examples=None, histograms=None, plots=None):
     document["meta"].setdefault("date", datetime.datetime.now(datetime.UTC).isoformat())
     paths = {"json": constants.report_json(outdir), **(plots or {})}
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(document, f, indent=2, sort_keys=True)
+        json.dump(document, f, indent=2, sort_keys=True, default=jsonable)
     paths["accuracy_plot"] = plot_accuracy_vs_eps(
         document["results"], os.path.join(outdir, "accuracy_vs_eps.png")
     )

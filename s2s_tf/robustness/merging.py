@@ -20,6 +20,10 @@ e.g. each backward pass's distance from the end-to-end gradient, on its first
 32) are taken from the first part, which holds the split's first examples: an
 in-memory run's value when the first part holds as many (shards of 32 or more).
 
+The merged per-example results are uint8 arrays (one byte per example and run:
+a split of 50,000 examples and 30 runs holds 1.5 MB, not the 12 MB of Python
+lists); `report.write_report` writes them as JSON lists.
+
 Then `evaluation.finalize` recomputes everything derived from the per-example
 results (headline, rows, convergence verdicts). Anything else the parts
 disagree on (a list, a flag, a number that is not a fraction of its examples)
@@ -33,6 +37,7 @@ leaving it out could only raise the robust accuracy.
 
 import math
 
+import numpy as np
 from absl import logging
 
 from s2s_tf.robustness import evaluation
@@ -116,11 +121,16 @@ def _concatenate(per_examples, sizes, config):
     if dropped:
         logging.warning("runs left out of the merged results (not in every shard): %s", dropped)
     joined = {
-        key: [value for runs in per_examples for value in runs[key]]
+        key: np.concatenate([compact(runs[key]) for runs in per_examples])
         for key in counts
         if key not in partial
     }
     return joined, dropped
+
+
+def compact(values):
+    """One run's per-example results (0/1) as uint8: a byte per example, not a Python int."""
+    return np.asarray(values, np.uint8)
 
 
 def _counts_in_headline(run, config):

@@ -381,7 +381,7 @@ class ShardFiles:
         """
         deadline, told = time.monotonic() + timeout_s, False
         while True:
-            parts = [self.read(*r) for r in ranges]
+            parts = [_compacted(self.read(*r)) for r in ranges]
             missing = [r for r, part in zip(ranges, parts, strict=True) if part is None]
             if not missing:
                 return parts
@@ -395,6 +395,18 @@ class ShardFiles:
                 progress(f"waiting for {len(missing)} shards of other workers")
                 told = True
             time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def _compacted(part):
+    """A shard's results with its per-example lists as uint8 arrays (None stays None).
+
+    The merge holds every shard's results at once: as Python lists they cost
+    8 bytes per example and run (and more while being joined), which grows
+    with the split; as bytes they stay far below one shard's images.
+    """
+    if part is not None:
+        part["per_example"] = {k: merging.compact(v) for k, v in part["per_example"].items()}
+    return part
 
 
 class _Meter:
