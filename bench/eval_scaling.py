@@ -228,10 +228,11 @@ def stream_config():
     )
 
 
-def peak_rss_kb():
-    """This process's peak RSS since its program started (VmHWM; a fork's parent excluded)."""
+def peak_rss_kb(field="VmHWM"):
+    """This process's peak RSS since its program started (VmHWM; a fork's parent excluded),
+    or another /proc/self/status field in kB (VmRSS: resident now)."""
     with open("/proc/self/status", encoding="utf-8") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
 
 
 def measure_stream(spec):
@@ -251,11 +252,15 @@ def measure_stream(spec):
     strategy = make_strategy(1)
     config = stream_config()
     # The peak after each finished shard: flat once the shards stop touching new memory.
-    after_shards = []
+    # Resident now and Python's allocated blocks after each shard: a leak grows them with
+    # the shards, a running maximum of varying working sets grows only the peak.
+    after_shards, resident, blocks = [], [], []
 
     def progress(line):
         if line.startswith("shard ["):
             after_shards.append(peak_rss_kb())
+            resident.append(peak_rss_kb("VmRSS"))
+            blocks.append(sys.getallocatedblocks())
 
     start = time.perf_counter()
     if spec["path"] == "stream":
@@ -283,6 +288,8 @@ def measure_stream(spec):
                 "peak_rss_kb": peak_rss_kb(),
                 "robust": headline,
                 "peak_after_shards_kb": after_shards,
+                "resident_after_shards_kb": resident,
+                "python_blocks_after_shards": blocks,
             }
         )
     )
@@ -381,6 +388,17 @@ def report_stream(rows, machine):
             f"after {len(after)}; the second half of the split added "
             f"{(after[-1] - after[half - 1]) / 1024:+.1f} MB"
         )
+        row = by[(sizes[-1], "stream")]
+        for name, values, unit in (
+            ("resident (VmRSS)", row.get("resident_after_shards_kb") or [], 1024),
+            ("Python allocated blocks", row.get("python_blocks_after_shards") or [], 1),
+        ):
+            if len(values) == len(after):
+                cells = [values[i] / unit for i in (0, quarter - 1, half - 1, len(values) - 1)]
+                lines.append(
+                    f"  {name} after shard 1, {quarter}, {half}, {len(values)}: "
+                    + ", ".join(f"{c:.0f}" for c in cells)
+                )
     bench_util.print_report(lines, machine)
 
 
