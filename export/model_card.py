@@ -180,7 +180,12 @@ def _convergence(results):
             for what in row
             if what.startswith("more_") and isinstance(row.get(what), dict)
         }
-        details[eps] = {"converged": row.get("converged"), "source": row.get("source"), **reruns}
+        details[eps] = {
+            "converged": row.get("converged"),
+            "source": row.get("source"),
+            "deciding": row.get("deciding"),
+            **reruns,
+        }
     return {"converged": results["converged"], "convergence": details}
 
 
@@ -416,8 +421,13 @@ def _convergence_lines(evaluation):
             row.get("converged"), str(row.get("converged"))
         )
         lines.append(f"- {eps} ({row.get('source') or 'n/a'}): {state}")
+        deciding = row.get("deciding")
         for what in [w for w in row if w.startswith("more_")]:
-            lines.append(f"  - {what.replace('_', ' ')}: {row[what]['detail']}")
+            earlier = deciding is not None and what not in deciding
+            note = " (an earlier round, not deciding: the next round reruns what it left)"
+            lines.append(
+                f"  - {what.replace('_', ' ')}{note if earlier else ''}: {row[what]['detail']}"
+            )
     return lines
 
 

@@ -371,6 +371,22 @@ class ModelCardTest(tf.test.TestCase):
             self.assertEqual(card["evaluation"]["convergence"]["8/255"]["source"], "surrogate")
             self.assertIn(shown, text)
             self.assertIn("  - more steps: FAIL: the attack has not converged", text)
+        # With a second round, the first is shown as not deciding.
+        rounds = dict(
+            row,
+            converged=None,
+            deciding=["more_steps_x4", "more_restarts"],
+            more_steps_x4={"passed": None, "detail": "undecided: too few discordant pairs"},
+        )
+        document = _report(self.defended, _sha256(self.defended))
+        document["results"].update(converged=None, convergence={"8/255": rounds})
+        card, text = self._card(self._write_report(document, self._other("rounds.json")))
+        self.assertEqual(
+            card["evaluation"]["convergence"]["8/255"]["deciding"],
+            ["more_steps_x4", "more_restarts"],
+        )
+        self.assertIn("  - more steps (an earlier round, not deciding", text)
+        self.assertIn("  - more steps x4: undecided", text)
         # A report from before the convergence verdict says so rather than guessing.
         path = self._write_report(_report(self.defended), self._other("old.json"))
         card, text = self._card(path)
