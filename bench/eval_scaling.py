@@ -228,11 +228,15 @@ def stream_config():
     )
 
 
-def peak_rss_kb(field="VmHWM"):
-    """This process's peak RSS since its program started (VmHWM; a fork's parent excluded),
-    or another /proc/self/status field in kB (VmRSS: resident now)."""
+def status_kb(field):
+    """A memory field of /proc/self/status, in kB (VmHWM, VmRSS, ...)."""
     with open("/proc/self/status", encoding="utf-8") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
+
+
+def peak_rss_kb():
+    """This process's peak RSS since its program started (VmHWM; a fork's parent excluded)."""
+    return status_kb("VmHWM")
 
 
 def measure_stream(spec):
@@ -259,7 +263,7 @@ def measure_stream(spec):
     def progress(line):
         if line.startswith("shard ["):
             after_shards.append(peak_rss_kb())
-            resident.append(peak_rss_kb("VmRSS"))
+            resident.append(status_kb("VmRSS"))
             blocks.append(sys.getallocatedblocks())
 
     start = time.perf_counter()

@@ -23,10 +23,8 @@ from s2s_tf.robustness import runner
 from s2s_tf.robustness import threat_models
 from s2s_tf.robustness.evaluation import CHECK_BASE
 from s2s_tf.robustness.evaluation import LARGE_EPS
-from s2s_tf.robustness.evaluation import MORE_RESTARTS
-from s2s_tf.robustness.evaluation import MORE_STEPS
+from s2s_tf.robustness.evaluation import convergence_reruns
 from s2s_tf.robustness.evaluation import eps_key
-from s2s_tf.robustness.evaluation import more_steps_name
 from s2s_tf.robustness.evaluation import run_key
 
 # Examples of the gradient check.
@@ -214,20 +212,8 @@ class Cascade:
         # result, so a rerun can only add fooled examples and the paired test is one-sided
         # (it flags "not converged" sooner, never later). Round k > 1 of the more-steps
         # rerun has round k-1 as its base.
-        reruns = (
-            (MORE_STEPS, {"steps": 2 * config.steps}, CHECK_BASE),
-            (
-                MORE_RESTARTS,
-                {"restarts": config.restarts + config.check_extra_restarts},
-                CHECK_BASE,
-            ),
-            *(
-                (more_steps_name(k), {"steps": 2**k * config.steps}, more_steps_name(k - 1))
-                for k in range(2, config.convergence_rounds + 1)
-            ),
-        )
-        for name, overrides, base_name in reruns:
-            base = np.asarray(per_example[run_key(base_name, attack, eps)], bool)
+        for rerun in convergence_reruns(config):
+            base = np.asarray(per_example[run_key(rerun.base, attack, eps)], bool)
             self._run(
                 strongest,
                 threat,
@@ -235,9 +221,9 @@ class Cascade:
                 model_fn,
                 eps,
                 robust,
-                key=run_key(name, attack, eps),
-                overrides=overrides,
-                record_as=name,
+                key=run_key(rerun.run, attack, eps),
+                overrides=rerun.overrides,
+                record_as=rerun.run,
                 only=base,
                 floor=base,
             )

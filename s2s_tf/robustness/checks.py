@@ -32,8 +32,8 @@ from s2s_tf.robustness.evaluation import CHECK_BASE
 from s2s_tf.robustness.evaluation import LARGE_EPS
 from s2s_tf.robustness.evaluation import MORE_RESTARTS
 from s2s_tf.robustness.evaluation import MORE_STEPS
+from s2s_tf.robustness.evaluation import convergence_reruns
 from s2s_tf.robustness.evaluation import eps_key
-from s2s_tf.robustness.evaluation import more_steps_name
 from s2s_tf.robustness.evaluation import run_key
 
 # Accuracy at the large eps must not exceed this.
@@ -104,18 +104,6 @@ def _gradient_ensemble(results, config, eps):
     return worst
 
 
-def convergence_reruns(config):
-    """(row name, run name, base run name, what it adds) of each convergence rerun, in order."""
-    reruns = [
-        ("more_steps", MORE_STEPS, CHECK_BASE, "twice the steps"),
-        ("more_restarts", MORE_RESTARTS, CHECK_BASE, "more restarts"),
-    ]
-    for k in range(2, getattr(config, "convergence_rounds", 1) + 1):
-        name = more_steps_name(k)
-        reruns.append((f"more_steps_x{2**k}", name, more_steps_name(k - 1), f"{2**k}x the steps"))
-    return reruns
-
-
 def convergence(results, config):
     """Per eps: do more steps or more restarts of the strongest run still fool more?
 
@@ -137,18 +125,18 @@ def convergence(results, config):
         row = {"source": results["runs"].get(run_key(MORE_STEPS, attack, eps), {})}
         row["source"] = row["source"].get("source")
         deciding = {}
-        for what, name, base_name, adds in convergence_reruns(config):
-            key = run_key(name, attack, eps)
+        for rerun in convergence_reruns(config):
+            key = run_key(rerun.run, attack, eps)
             if key not in per_example:
                 continue
-            row[what] = _check(
-                f"{adds} do not help {attack} on {row['source']} ({eps_key(eps)})",
+            row[rerun.row] = _check(
+                f"{rerun.adds} do not help {attack} on {row['source']} ({eps_key(eps)})",
                 per_example,
                 key,
-                run_key(base_name, attack, eps),
+                run_key(rerun.base, attack, eps),
                 "the attack has not converged: more effort still fools more examples",
             )
-            deciding["restarts" if name == MORE_RESTARTS else "steps"] = what
+            deciding["restarts" if rerun.run == MORE_RESTARTS else "steps"] = rerun.row
         row["deciding"] = list(deciding.values())
         by_rerun = {i: {"converged": row[w]["passed"]} for i, w in enumerate(row["deciding"])}
         row["converged"] = overall_convergence(by_rerun)

@@ -28,6 +28,7 @@ must reach ~0 %), and the transfer matrix.
 `EvalConfig` and the presets live in `eval_config` (re-exported here).
 """
 
+import collections
 import time
 
 import numpy as np
@@ -48,9 +49,41 @@ CHECK_BASE, MORE_STEPS, MORE_RESTARTS = "check_base", "check_more_steps", "check
 LARGE_EPS = "check_large_eps"
 
 
-def more_steps_name(round_):
+# One convergence rerun: its row in `results["convergence"]`, its run name, the run it
+# is paired with (and attacks what that left robust), what it adds, its attack parameters.
+Rerun = collections.namedtuple("Rerun", "row run base adds overrides")
+
+
+def _more_steps_name(round_):
     """The run name of convergence round `round_` (1: twice the steps; k: 2**k times)."""
     return MORE_STEPS if round_ == 1 else f"{MORE_STEPS}_x{2**round_}"
+
+
+def convergence_reruns(config):
+    """The convergence reruns of `config`, in order (the cascade runs them, the checks test
+    them): twice the steps and more restarts against the reference run, then round k of
+    `convergence_rounds` (2**k times the steps) against round k-1."""
+    reruns = [
+        Rerun("more_steps", MORE_STEPS, CHECK_BASE, "twice the steps", {"steps": 2 * config.steps}),
+        Rerun(
+            "more_restarts",
+            MORE_RESTARTS,
+            CHECK_BASE,
+            "more restarts",
+            {"restarts": config.restarts + config.check_extra_restarts},
+        ),
+    ]
+    for k in range(2, config.convergence_rounds + 1):
+        reruns.append(
+            Rerun(
+                f"more_steps_x{2**k}",
+                _more_steps_name(k),
+                _more_steps_name(k - 1),
+                f"{2**k}x the steps",
+                {"steps": 2**k * config.steps},
+            )
+        )
+    return reruns
 
 
 def eps_key(eps):
