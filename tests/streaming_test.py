@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import weakref
+import zlib
 from unittest import mock
 
 import numpy as np
@@ -253,6 +254,71 @@ class SurrogateTest(tf.test.TestCase):
         self.assertNotEqual(results.pop("gradient_difference"), {})
         reference.pop("gradient_difference")
         self.assertEqual(results, reference)
+
+
+def _rigged_attack(evaluator, key, attack, source, eps, indices, scored, **overrides):
+    """A stand-in for `Evaluator.run_attack`: each run fools its own pseudo-random share of
+    the examples (by the example's index in the split), more with more steps, so the
+    worst case, each run's new examples and each round's examples differ."""
+    steps = overrides.get("steps", evaluator.config.steps)
+    share = 0.15 + 0.1 * np.log2(steps / evaluator.config.steps + 1)
+    draws = [
+        zlib.crc32(f"{key}:{i + evaluator.index_offset}".encode()) % 1000 / 1000 for i in indices
+    ]
+    survived = np.asarray(draws) >= share
+    return {name: survived for name in scored}
+
+
+class MoreRoundsTest(tf.test.TestCase):
+    def test_more_rounds_extend_finished_shards_as_one_evaluation_would(self):
+        """Raising convergence_rounds on a finished evaluation runs only the added rounds.
+
+        The extended shards equal those of an evaluation that ran every round from the
+        start: per-example results, counts, headline, verdicts and the order of the runs.
+        (The attacks are rigged: the tiny model is fooled by none.)
+        """
+        _, model_path, folder, _ = _Fixture.get()
+        data, stream = data_config(folder, SIZE), streaming.StreamConfig(shard_size=SHARD)
+        one, three = (dataclasses.replace(CONFIG, convergence_rounds=r) for r in (1, 3))
+        shard_dir = _tmpdir(self)
+        attacked, runs, lines = [], [], []
+
+        def counted(evaluator, key, *args, **kwargs):
+            attacked.append(key)
+            return _rigged_attack(evaluator, key, *args, **kwargs)
+
+        def evaluate(config, directory, progress=lambda line: None):
+            return streaming.evaluate_split(
+                load_models(model_path), data, config, directory, stream=stream,
+                progress=progress,
+            )  # fmt: skip
+
+        original_run = evaluation.Evaluator.run
+        with mock.patch.object(evaluation.Evaluator, "run_attack", counted):
+            evaluate(one, shard_dir)
+            attacked.clear()
+            with mock.patch.object(
+                evaluation.Evaluator, "run", lambda ev: runs.append(ev) or original_run(ev)
+            ):
+                extended = evaluate(three, shard_dir, lines.append)
+            added = set(attacked)
+            fresh = evaluate(three, _tmpdir(self))
+            attacked.clear()
+            again = evaluate(three, shard_dir)  # every shard file now holds the three rounds
+        self.assertEmpty(runs)  # no shard ran the suite again
+        self.assertEqual(
+            added, {"check_more_steps_x4/apgd_ce/8/255", "check_more_steps_x8/apgd_ce/8/255"}
+        )
+        self.assertEmpty(attacked)
+        self.assertTrue(any("4 by adding convergence rounds" in line for line in lines), lines)
+        # The rigged attacks make every count differ from the trivial one.
+        counts = fresh["runs"]["check_more_steps_x8/apgd_ce/8/255"]
+        self.assertGreater(counts["new"], 0)
+        self.assertLess(counts["robust_after"], counts["attacked"])
+        self.assertEqual(comparable(extended), comparable(fresh))
+        self.assertEqual(list(extended["runs"]), list(fresh["runs"]))
+        self.assertEqual(list(extended["per_example"]), list(fresh["per_example"]))
+        self.assertEqual(comparable(again), comparable(fresh))
 
 
 def _scalars(directory):

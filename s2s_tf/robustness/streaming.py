@@ -30,6 +30,12 @@ that choice: so every example is rechecked through the same threat model, as
 in an in-memory `Evaluator` run given `choose_on=shard_size`. A worker without
 the first shard waits for its file before its own first shard (with one
 gradient threat model there is nothing to choose, and no wait).
+
+Raising `convergence_rounds` on a finished evaluation reuses its shards: a
+shard of the same work with fewer rounds is read back and given only the
+rounds it lacks (`_MoreRounds`), then written under the new key. This module
+is not part of the shard key's code version (`EVALUATION_CODE`): it decides
+which shards to compute, not any run's results, which the cascade computes.
 """
 
 import ctypes
@@ -42,6 +48,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -201,9 +208,14 @@ def evaluate_split(
     files = ShardFiles(shard_dir, shard_key(model_key, config, data, scales))
     mine = worker.shards(len(ranges))
     todo = [i for i in mine if files.read(*ranges[i]) is None]
+    # Finished shards of the same work with fewer convergence rounds get only the rounds
+    # they lack (`_MoreRounds`), not the whole suite again.
+    fewer = _fewer_rounds(shard_dir, model_key, config, data, scales)
+    earlier = {i: part for i in todo if (part := _read_any(fewer, ranges[i])) is not None}
     progress(
         f"evaluation worker {worker.index}/{worker.count}: {total} examples in {len(ranges)} "
         f"shards of {stream.shard_size}; {len(mine)} are this worker's, {len(todo)} to compute"
+        + (f" ({len(earlier)} by adding convergence rounds to finished shards)" if earlier else "")
     )
     meter = _Meter(total, ranges, files, progress, summary_dir, worker)
     # One ShardedAttacks for every shard: its compiled steps serve them all.
@@ -229,7 +241,13 @@ def evaluate_split(
         if index > 0 and choices is None and choose_once:
             first = files.wait_for(ranges[:1], stream.merge_timeout_s, progress)[0]
             choices = first["choices"]
-        results = _evaluate_shard(models, images, labels, config, start, sharded, progress, choices)
+        if index in earlier:
+            stored = earlier.pop(index)
+            results = _add_rounds(models, images, labels, config, start, sharded, progress, stored)
+        else:
+            results = _evaluate_shard(
+                models, images, labels, config, start, sharded, progress, choices
+            )
         files.write(start, end, results)
         if sharded is not None:
             _delete(sharded.shard_dir)
@@ -262,6 +280,11 @@ def _calibrate(models, data, config):
 def _evaluate_shard(models, images, labels, config, start, sharded, progress, choices=None):
     """The results of one `Evaluator` over the shard's examples (their indices from `start`),
     given the first shard's `choices` (None on the first shard, which makes them)."""
+    return _shard_evaluator(models, images, labels, config, start, sharded, progress, choices).run()
+
+
+def _shard_evaluator(models, images, labels, config, start, sharded, progress, choices=None):
+    """The `Evaluator` of one shard (its examples' indices from `start`)."""
     end = start + len(images)
     gradient_free = config.gradient_free_examples
     if gradient_free is not None:  # the split's first examples, not each shard's
@@ -269,7 +292,7 @@ def _evaluate_shard(models, images, labels, config, start, sharded, progress, ch
     shard_config = dataclasses.replace(
         config, num_examples=None, gradient_free_examples=gradient_free
     )
-    evaluator = evaluation.Evaluator(
+    return evaluation.Evaluator(
         models,
         images,
         labels,
@@ -280,7 +303,106 @@ def _evaluate_shard(models, images, labels, config, start, sharded, progress, ch
         index_offset=start,
         choices=choices,
     )
-    return evaluator.run()
+
+
+def _fewer_rounds(shard_dir, model_key, config, data, scales):
+    """The shard files of this evaluation with fewer convergence rounds, most rounds first."""
+    return [
+        ShardFiles(
+            shard_dir,
+            shard_key(model_key, dataclasses.replace(config, convergence_rounds=r), data, scales),
+        )
+        for r in range(config.convergence_rounds - 1, 0, -1)
+    ]
+
+
+def _read_any(files, bounds):
+    """The first of `files` that holds a finished shard of `bounds`, read; or None."""
+    for candidate in files:
+        part = candidate.read(*bounds)
+        if part is not None:
+            return part
+    return None
+
+
+def _add_rounds(models, images, labels, config, start, sharded, progress, stored):
+    """A finished shard's results (`stored`, made with fewer convergence rounds) with the
+    rounds `config` adds: the results one evaluation with every round would have made."""
+    evaluator = _shard_evaluator(
+        models, images, labels, config, start, sharded, progress, stored["choices"]
+    )
+    return _MoreRounds(evaluator, stored).run()
+
+
+class _MoreRounds(cascade.Cascade):
+    """Runs only the convergence reruns that a finished shard's results lack.
+
+    Round k of the more-steps rerun depends on nothing but what ran before it at
+    its eps: it attacks what round k-1 left robust, and its counts ("new",
+    "robust after") are against the worst case over every earlier run at that
+    eps. Both are in the stored per-example results, so the added rounds give
+    what an evaluation with every round would have given (each example's
+    random start is seeded by its index), and the runs are stored in the order
+    such an evaluation makes them. Extending changes no run the shard holds.
+    """
+
+    def __init__(self, evaluator, stored):
+        super().__init__(evaluator)
+        evaluator.results = stored
+        per_example = stored["per_example"]
+        evaluator.clean = {
+            name: np.asarray(per_example[f"clean/{name}"], bool)
+            for name in ("defended", "classifier")
+        }
+
+    def run(self):
+        """Adds the missing rounds at each eps; returns the results, finalized."""
+        results, attack = self.ev.results, self.config.check_attack
+        strongest = results.get("choices", {}).get("strongest", {})
+        for eps in self.config.eps:
+            key = evaluation.eps_key(eps)
+            if key not in strongest:
+                continue  # no gradient threat model: no convergence reruns
+            reruns = [
+                evaluation.run_key(r.run, attack, eps)
+                for r in evaluation.convergence_reruns(self.config)
+            ]
+            held = [run for run in reruns if run in results["runs"]]
+            before = set(results["runs"])
+            self._convergence(self._given(strongest[key]), eps, self._robust(key))
+            _move_after(results, held[-1], [r for r in reruns if r not in before])
+        return evaluation.finalize(results, self.ev.config)
+
+    def _robust(self, key):
+        """Per example: robust after every run at eps `key` (what the next rerun sees)."""
+        runs, per_example = self.ev.results["runs"], self.ev.results["per_example"]
+        robust = self.ev.clean["defended"].copy()
+        for run, info in runs.items():
+            if info["eps"] == key and not info["threat"].startswith(evaluation.LARGE_EPS):
+                robust &= np.asarray(per_example[run], bool)
+        return robust
+
+    def _run(self, variant, threat, attack, model_fn, eps, robust, **kw):
+        """A rerun the shard holds keeps its stored results (it already counts in `robust`)."""
+        stored = self.ev.results["runs"].get(kw.get("key"))
+        if stored is not None:
+            return stored
+        return super()._run(variant, threat, attack, model_fn, eps, robust, **kw)
+
+
+def _move_after(results, anchor, keys):
+    """Puts `keys` right after `anchor` in the results' run-keyed tables (their run order)."""
+    for table in ("runs", "per_example", "timing"):
+        entries = results.get(table, {})
+        if anchor not in entries:
+            continue
+        moved = {k: entries.pop(k) for k in keys if k in entries}
+        reordered = {}
+        for k, v in entries.items():
+            reordered[k] = v
+            if k == anchor:
+                reordered.update(moved)
+        results[table] = reordered
 
 
 @functools.cache
