@@ -1,9 +1,12 @@
 """Tests for s2s_tf/robustness/checks.py: convergence and masking checks by exact paired tests."""
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from s2s_tf.analysis import report
 from s2s_tf.robustness import checks
 from s2s_tf.robustness import evaluation
 
@@ -44,6 +47,8 @@ def _results(**fooled):
     }
     if "more_steps_x4" in fooled:  # a second round, based on the first
         full["check_more_steps_x4"] = fooled["more_steps_x4"]
+    if "restarts_r5" in fooled:  # the restarts' second round: 1 + 2 * 2 restarts
+        full["check_restarts_r5"] = fooled["restarts_r5"]
     per_example, runs = {}, {}
     for threat, examples in full.items():
         key = evaluation.run_key(threat, "pgd", EPS)
@@ -161,6 +166,55 @@ class ChecksTest(parameterized.TestCase, tf.test.TestCase):
         failed = _by_outcome(checks.sanity_checks(results, CONFIG))["failed"]
         self.assertEqual(bool(failed), not expected, failed)
         self.assertTrue(all("4x the steps" in name for name in failed), failed)
+
+    @parameterized.named_parameters(
+        # Round 1 (3 restarts) fools 10 more; round 2 (5 restarts) none beyond round 1.
+        ("second_round_converges", dict(restarts=range(30), restarts_r5=range(30)), True),
+        ("second_round_helps", dict(restarts=range(30), restarts_r5=range(40)), False),
+        # Round 1 fooled 3 more (undecided), round 2 none beyond it: converged.
+        ("settled_by_round_two", dict(restarts=range(23), restarts_r5=range(23)), True),
+    )
+    def test_the_last_restarts_round_decides(self, fooled, expected):
+        results = _results(**fooled)
+        convergence = checks.convergence(results, CONFIG)["8/255"]
+        self.assertEqual(convergence["deciding"], ["more_steps", "more_restarts_r5"])
+        self.assertIs(convergence["converged"], expected)
+        self.assertEqual(
+            convergence["more_restarts_r5"]["only_b"],
+            len(fooled["restarts_r5"]) - len(fooled["restarts"]),
+        )
+        failed = _by_outcome(checks.sanity_checks(results, CONFIG))["failed"]
+        self.assertTrue(all("5 restarts" in name for name in failed), failed)
+        self.assertEqual(bool(failed), not expected, failed)
+
+    def test_the_report_shows_every_round_of_both_reruns(self):
+        results = _results(
+            more_steps=range(30), more_steps_x4=range(30), restarts=range(25), restarts_r5=range(26)
+        )
+        results["convergence"] = checks.convergence(results, CONFIG)
+        results["converged"] = checks.overall_convergence(results["convergence"])
+        table = "\n".join(report._convergence_section(results))
+        self.assertIn(
+            "| 8/255 | surrogate@1 | 2x: 10 more / 0 fewer (p = 0.00195); x4: 0 more / 0 fewer "
+            "(p = 1) | +extra: 5 more / 0 fewer (p = 0.0625); r5: 1 more / 0 fewer (p = 1) | "
+            "undecided |",
+            table,
+        )
+
+    def test_the_reruns_of_each_round(self):
+        config = dataclasses.replace(CONFIG, convergence_rounds=3, restarts=2)
+        plan = [(r.run, r.base, r.overrides) for r in evaluation.convergence_reruns(config)]
+        self.assertEqual(
+            plan,
+            [
+                ("check_more_steps", "check_base", {"steps": 10}),
+                ("check_restarts", "check_base", {"restarts": 4}),
+                ("check_more_steps_x4", "check_more_steps", {"steps": 20}),
+                ("check_restarts_r6", "check_restarts", {"restarts": 6}),
+                ("check_more_steps_x8", "check_more_steps_x4", {"steps": 40}),
+                ("check_restarts_r10", "check_restarts_r6", {"restarts": 10}),
+            ],
+        )
 
     def test_overall_convergence(self):
         def of(*verdicts):

@@ -311,7 +311,7 @@ class EvaluatorTest(tf.test.TestCase):
         self.assertTrue(evaluation._is_budget_run("check_more_steps_x4/pgd/32/255", "32/255"))
         self.assertFalse(evaluation._is_budget_run("check_base/pgd/32/255", "32/255"))
         self.assertEqual(
-            results["convergence"]["32/255"]["deciding"], ["more_steps_x4", "more_restarts"]
+            results["convergence"]["32/255"]["deciding"], ["more_steps_x4", "more_restarts_r5"]
         )
         self.assertEqual(results["convergence"]["32/255"]["source"], "surrogate@1")
         large = runs[evaluation.run_key("check_large_eps", "pgd", config.large_eps)]
@@ -326,7 +326,10 @@ class EvaluatorTest(tf.test.TestCase):
         run_attack = evaluation.Evaluator.run_attack
 
         def spy(ev, key, attack, model_fn, eps, indices, scored, **overrides):
-            steps[key.split("/")[0]] = (overrides.get("steps"), len(indices))
+            steps[key.split("/")[0]] = (
+                overrides.get("steps", overrides.get("restarts")),
+                len(indices),
+            )
             return run_attack(ev, key, attack, model_fn, eps, indices, scored, **overrides)
 
         with mock.patch.object(evaluation.Evaluator, "run_attack", spy):
@@ -338,8 +341,14 @@ class EvaluatorTest(tf.test.TestCase):
         left = [sum(per_example[evaluation.run_key(r, "pgd", 2 / 255)]) for r in rounds]
         self.assertGreater(left[0], 0)  # something is left to attack at every round
         self.assertEqual([steps[r][1] for r in rounds[1:]], left[:-1])
+        # The restarts rerun's rounds: 1 + 2, 1 + 4, 1 + 8 restarts, each on what the
+        # round before left robust.
+        rounds = ["check_restarts", "check_restarts_r5", "check_restarts_r9"]
+        self.assertEqual([steps[r][0] for r in rounds], [3, 5, 9])
+        left = [sum(per_example[evaluation.run_key(r, "pgd", 2 / 255)]) for r in rounds]
+        self.assertEqual([steps[r][1] for r in rounds[1:]], left[:-1])
         self.assertEqual(
-            results["convergence"]["2/255"]["deciding"], ["more_steps_x8", "more_restarts"]
+            results["convergence"]["2/255"]["deciding"], ["more_steps_x8", "more_restarts_r9"]
         )
         self.assertIn("more_steps_x4", results["convergence"]["2/255"])
         self.assertLessEqual(results["headline"]["2/255"]["robust"], left[-1])

@@ -306,8 +306,9 @@ class MoreRoundsTest(tf.test.TestCase):
             attacked.clear()
             again = evaluate(three, shard_dir)  # every shard file now holds the three rounds
         self.assertEmpty(runs)  # no shard ran the suite again
+        rounds_2_and_3 = ("check_more_steps_x4", "check_restarts_r3", "check_more_steps_x8")
         self.assertEqual(
-            added, {"check_more_steps_x4/apgd_ce/8/255", "check_more_steps_x8/apgd_ce/8/255"}
+            added, {f"{run}/apgd_ce/8/255" for run in (*rounds_2_and_3, "check_restarts_r5")}
         )
         self.assertEmpty(attacked)
         self.assertTrue(any("4 by adding convergence rounds" in line for line in lines), lines)

@@ -156,7 +156,7 @@ def _headline_section(headline):
     ]
 
 
-_ROUND_NAMES = {"more_steps": "2x"}
+_ROUND_NAMES = {"more_steps": "2x", "more_restarts": "+extra"}
 
 
 def _convergence_section(results):
@@ -175,18 +175,25 @@ def _convergence_section(results):
         steps = "; ".join(
             f"{_ROUND_NAMES.get(w, w.removeprefix('more_steps_'))}: {cell}"
             for w, cell in cells.items()
-            if w != "more_restarts"
+            if w.startswith("more_steps")
         )
-        restarts = cells.get("more_restarts", "n/a")
-        rows.append((eps, row.get("source"), steps or "n/a", restarts, verdict[row["converged"]]))
+        restarts = "; ".join(
+            f"{_ROUND_NAMES.get(w, w.removeprefix('more_restarts_'))}: {cell}"
+            for w, cell in cells.items()
+            if w.startswith("more_restarts")
+        )
+        rows.append(
+            (eps, row.get("source"), steps or "n/a", restarts or "n/a", verdict[row["converged"]])
+        )
     out = [
         "",
         f"**Attack convergence: {verdict[results.get('converged')]}.** At each eps the reference "
         "attack is rerun, on the threat model where it fooled the most, with twice the steps and "
-        "with more restarts, and with 4x, 8x, ... the steps in further rounds, each round on what "
-        "the one before left robust (every rerun also counts in the worst case above). When the "
-        "last round or the restarts still fool significantly more examples (exact McNemar), the "
-        "headline is not converged: stronger attacks would likely lower it further.",
+        "with more restarts, and in further rounds with 4x, 8x, ... the steps and twice the "
+        "extra restarts (rK: K restarts), each round on what the one before left robust (every "
+        "rerun also counts in the worst case above). When the last round of either still fools "
+        "significantly more examples (exact McNemar), the headline is not converged: stronger "
+        "attacks would likely lower it further.",
         "",
         _table(["eps", "rerun on", "more steps (rounds)", "more restarts", "verdict"], rows),
     ]

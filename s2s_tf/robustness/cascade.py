@@ -197,7 +197,8 @@ class Cascade:
 
     def _convergence(self, strongest, eps, robust):
         """Reruns the strongest reference run with twice the steps and with more restarts,
-        then with 2**k times the steps for each further round k of `convergence_rounds`.
+        then, in each further round k of `convergence_rounds`, with 2**k times the steps
+        and with twice round k-1's extra restarts.
 
         Only on the examples the base left robust (its fooled ones need no second try);
         round k's base is round k-1.
@@ -210,8 +211,8 @@ class Cascade:
         )
         # Each rerun attacks the examples its base left robust; the others keep the base's
         # result, so a rerun can only add fooled examples and the paired test is one-sided
-        # (it flags "not converged" sooner, never later). Round k > 1 of the more-steps
-        # rerun has round k-1 as its base.
+        # (it flags "not converged" sooner, never later). Round k > 1 of each rerun has
+        # its round k-1 as its base.
         for rerun in convergence_reruns(config):
             base = np.asarray(per_example[run_key(rerun.base, attack, eps)], bool)
             self._run(

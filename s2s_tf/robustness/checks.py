@@ -108,13 +108,13 @@ def convergence(results, config):
     """Per eps: do more steps or more restarts of the strongest run still fool more?
 
     Each rerun is tested against its base (the reference run; round k of the
-    more-steps rerun against round k-1). The verdict at an eps is the last
-    more-steps round's and the restarts rerun's.
+    more-steps or the restarts rerun against its round k-1). The verdict at an
+    eps is the last more-steps round's and the last restarts round's.
 
     Returns:
       A dict eps key -> {"source", "converged", "deciding" (the reruns whose
       checks decide), and per rerun ("more_steps", "more_restarts",
-      "more_steps_x4", ...) its check} ("converged" False when a deciding rerun
+      "more_steps_x4", "more_restarts_r5", ...) its check} ("converged" False when a deciding rerun
       fools significantly more, None when undecided, else True); eps without
       reruns are left out. Only the deciding checks are sanity checks.
     """
@@ -136,7 +136,7 @@ def convergence(results, config):
                 run_key(rerun.base, attack, eps),
                 "the attack has not converged: more effort still fools more examples",
             )
-            deciding["restarts" if rerun.run == MORE_RESTARTS else "steps"] = rerun.row
+            deciding["restarts" if rerun.run.startswith(MORE_RESTARTS) else "steps"] = rerun.row
         row["deciding"] = list(deciding.values())
         by_rerun = {i: {"converged": row[w]["passed"]} for i, w in enumerate(row["deciding"])}
         row["converged"] = overall_convergence(by_rerun)

@@ -79,12 +79,15 @@ class EvalConfig:
         for the masking checks), and the convergence checks rerun it, on the
         threat model where it fooled the most, with twice the steps and with
         more restarts.
-      check_extra_restarts: restarts the convergence check adds to `restarts`.
-      convergence_rounds: rounds of the more-steps rerun: round 1 runs twice the
-        steps, round k 2**k times the steps on the examples round k-1 left
-        robust; the convergence verdict is the last round's (and the restarts
-        rerun's). A fixed number, so a split evaluated in shards runs the same
-        attacks on every example as one evaluated at once.
+      check_extra_restarts: restarts the convergence check adds to `restarts`
+        (in its first round; twice as many more in each further round).
+      convergence_rounds: rounds of the more-steps and the restarts reruns:
+        round 1 runs twice the steps, and `check_extra_restarts` more restarts;
+        round k 2**k times the steps, and `restarts` + `check_extra_restarts` *
+        2**(k-1) restarts, each on the examples its round k-1 left robust; the
+        convergence verdict is the last round's of each. A fixed number, so a
+        split evaluated in shards runs the same attacks on every example as one
+        evaluated at once.
       large_eps: the budget at which the strongest attack must reach ~0 %.
       transfer_attack: the attack that makes the transfer matrix.
       transfer_eps: its budget (default: the largest of `eps`).
@@ -150,8 +153,9 @@ class EvalConfig:
     check_extra_restarts: int = 2
     convergence_rounds: int = setting(
         2,
-        "Rounds of the convergence rerun of the strongest attack: round k runs 2**k times the "
-        "steps on what round k-1 left robust; the verdict is the last round's.",
+        "Rounds of the convergence reruns of the strongest attack: round k runs 2**k times the "
+        "steps, and twice round k-1's extra restarts, on what round k-1 left robust; the "
+        "verdict is the last round's.",
         lower_bound=1,
     )
     large_eps: float = 64 / 255

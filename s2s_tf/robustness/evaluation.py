@@ -17,8 +17,9 @@ The runs at each eps, in order:
    `cascade=False` runs the full matrix);
 3. convergence: the reference run that fooled the most is rerun with twice the
    steps and with more restarts, on the examples it left robust; with
-   `convergence_rounds` > 1, round k reruns it with 2**k times the steps on the
-   examples round k-1 left robust. When the last round (or the restarts)
+   `convergence_rounds` > 1, round k reruns it with 2**k times the steps, and
+   with twice round k-1's extra restarts, each on the examples its round k-1
+   left robust. When the last round (or the restarts)
    still fools significantly more examples (exact McNemar, one-sided since
    a rerun keeps what its base fooled), the headline is marked not
    converged; every rerun counts in the worst case;
@@ -59,30 +60,43 @@ def _more_steps_name(round_):
     return MORE_STEPS if round_ == 1 else f"{MORE_STEPS}_x{2**round_}"
 
 
+def _restarts(config, round_):
+    """The restarts of round `round_` of the restarts rerun: the preset's, plus
+    `check_extra_restarts` in round 1, twice as many extra in each further round."""
+    return config.restarts + config.check_extra_restarts * 2 ** (round_ - 1)
+
+
+def _more_restarts_name(config, round_):
+    """The run name of round `round_` of the restarts rerun (k > 1: named by its restarts)."""
+    return MORE_RESTARTS if round_ == 1 else f"{MORE_RESTARTS}_r{_restarts(config, round_)}"
+
+
 def convergence_reruns(config):
     """The convergence reruns of `config`, in order (the cascade runs them, the checks test
-    them): twice the steps and more restarts against the reference run, then round k of
-    `convergence_rounds` (2**k times the steps) against round k-1."""
-    reruns = [
-        Rerun("more_steps", MORE_STEPS, CHECK_BASE, "twice the steps", {"steps": 2 * config.steps}),
-        Rerun(
-            "more_restarts",
-            MORE_RESTARTS,
-            CHECK_BASE,
-            "more restarts",
-            {"restarts": config.restarts + config.check_extra_restarts},
-        ),
-    ]
-    for k in range(2, config.convergence_rounds + 1):
-        reruns.append(
+    them): twice the steps and more restarts against the reference run; then, in each
+    round k of `convergence_rounds`, 2**k times the steps against round k-1 of the steps,
+    and twice round k-1's extra restarts against round k-1 of the restarts."""
+    reruns = []
+    for k in range(1, config.convergence_rounds + 1):
+        steps_base = CHECK_BASE if k == 1 else _more_steps_name(k - 1)
+        restarts_base = CHECK_BASE if k == 1 else _more_restarts_name(config, k - 1)
+        restarts = _restarts(config, k)
+        reruns += [
             Rerun(
-                f"more_steps_x{2**k}",
+                "more_steps" if k == 1 else f"more_steps_x{2**k}",
                 _more_steps_name(k),
-                _more_steps_name(k - 1),
-                f"{2**k}x the steps",
+                steps_base,
+                "twice the steps" if k == 1 else f"{2**k}x the steps",
                 {"steps": 2**k * config.steps},
-            )
-        )
+            ),
+            Rerun(
+                "more_restarts" if k == 1 else f"more_restarts_r{restarts}",
+                _more_restarts_name(config, k),
+                restarts_base,
+                "more restarts" if k == 1 else f"{restarts} restarts",
+                {"restarts": restarts},
+            ),
+        ]
     return reruns
 
 
