@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app
 from absl import flags
+from tensorflow.python.eager import context
 
 from s2s_tf import data as data_lib
 from s2s_tf import testing_utils
@@ -258,13 +259,16 @@ def measure_stream(spec):
     # The peak after each finished shard: flat once the shards stop touching new memory.
     # Resident now and Python's allocated blocks after each shard: a leak grows them with
     # the shards, a running maximum of varying working sets grows only the peak.
-    after_shards, resident, blocks = [], [], []
+    # Functions in the eager context (traced graphs, their gradients): TensorFlow keeps them
+    # in C++, outside Python's blocks, so one traced per shard would grow memory unseen there.
+    after_shards, resident, blocks, functions = [], [], [], []
 
     def progress(line):
         if line.startswith("shard ["):
             after_shards.append(peak_rss_kb())
             resident.append(status_kb("VmRSS"))
             blocks.append(sys.getallocatedblocks())
+            functions.append(len(context.context().list_function_names()))
 
     start = time.perf_counter()
     if spec["path"] == "stream":
@@ -294,6 +298,7 @@ def measure_stream(spec):
                 "peak_after_shards_kb": after_shards,
                 "resident_after_shards_kb": resident,
                 "python_blocks_after_shards": blocks,
+                "eager_functions_after_shards": functions,
             }
         )
     )
@@ -396,6 +401,7 @@ def report_stream(rows, machine):
         for name, values, unit in (
             ("resident (VmRSS)", row.get("resident_after_shards_kb") or [], 1024),
             ("Python allocated blocks", row.get("python_blocks_after_shards") or [], 1),
+            ("functions in the eager context", row.get("eager_functions_after_shards") or [], 1),
         ):
             if len(values) == len(after):
                 cells = [values[i] / unit for i in (0, quarter - 1, half - 1, len(values) - 1)]
