@@ -172,19 +172,16 @@ def _convergence_section(results):
             for w in row
             if w.startswith("more_")
         }
-        steps = "; ".join(
-            f"{_ROUND_NAMES.get(w, w.removeprefix('more_steps_'))}: {cell}"
-            for w, cell in cells.items()
-            if w.startswith("more_steps")
+        steps, restarts = (
+            "; ".join(
+                f"{_ROUND_NAMES.get(w, w.removeprefix(f'{rerun}_'))}: {cell}"
+                for w, cell in cells.items()
+                if w.startswith(rerun)
+            )
+            or "n/a"
+            for rerun in ("more_steps", "more_restarts")
         )
-        restarts = "; ".join(
-            f"{_ROUND_NAMES.get(w, w.removeprefix('more_restarts_'))}: {cell}"
-            for w, cell in cells.items()
-            if w.startswith("more_restarts")
-        )
-        rows.append(
-            (eps, row.get("source"), steps or "n/a", restarts or "n/a", verdict[row["converged"]])
-        )
+        rows.append((eps, row.get("source"), steps, restarts, verdict[row["converged"]]))
     out = [
         "",
         f"**Attack convergence: {verdict[results.get('converged')]}.** At each eps the reference "

@@ -210,8 +210,10 @@ def evaluate_split(
     todo = [i for i in mine if files.read(*ranges[i]) is None]
     # Finished shards of the same work with fewer convergence rounds get only the rounds
     # they lack (`_MoreRounds`), not the whole suite again.
+    # Only where each one is: its results are read when its turn comes, so memory holds
+    # one shard's results, not every finished shard's.
     fewer = _fewer_rounds(shard_dir, model_key, config, data, scales)
-    earlier = {i: part for i in todo if (part := _read_any(fewer, ranges[i])) is not None}
+    earlier = {i: found for i in todo if (found := _holder(fewer, ranges[i])) is not None}
     progress(
         f"evaluation worker {worker.index}/{worker.count}: {total} examples in {len(ranges)} "
         f"shards of {stream.shard_size}; {len(mine)} are this worker's, {len(todo)} to compute"
@@ -241,8 +243,8 @@ def evaluate_split(
         if index > 0 and choices is None and choose_once:
             first = files.wait_for(ranges[:1], stream.merge_timeout_s, progress)[0]
             choices = first["choices"]
-        if index in earlier:
-            stored = earlier.pop(index)
+        stored = earlier.pop(index).read(start, end) if index in earlier else None
+        if stored is not None:
             results = _add_rounds(models, images, labels, config, start, sharded, progress, stored)
         else:
             results = _evaluate_shard(
@@ -316,13 +318,9 @@ def _fewer_rounds(shard_dir, model_key, config, data, scales):
     ]
 
 
-def _read_any(files, bounds):
-    """The first of `files` that holds a finished shard of `bounds`, read; or None."""
-    for candidate in files:
-        part = candidate.read(*bounds)
-        if part is not None:
-            return part
-    return None
+def _holder(files, bounds):
+    """The first of `files` that holds a readable finished shard of `bounds`, or None."""
+    return next((f for f in files if f.read(*bounds) is not None), None)
 
 
 def _add_rounds(models, images, labels, config, start, sharded, progress, stored):
