@@ -135,7 +135,21 @@ class ShardedAttacksTest(tf.test.TestCase):
         self.assertEqual(sharded.code_version(sources, root), first)
         with open(os.path.join(root, "attacks", "pgd.py"), "w") as f:
             f.write("x = 2\n")
-        self.assertNotEqual(sharded.code_version(sources, root), first)
+        second = sharded.code_version(sources, root)
+        self.assertNotEqual(second, first)
+        with open(os.path.join(root, "runner.py"), "w") as f:
+            f.write('"""A docstring."""\n\n# a comment\nx  =  (1)\n')
+        self.assertEqual(sharded.code_version(sources, root), second)  # layout, no code
+        with open(os.path.join(root, "runner.py"), "w") as f:
+            f.write('x = 1\ny = "a string that is not a docstring"\n')
+        self.assertNotEqual(sharded.code_version(sources, root), second)
+        with open(os.path.join(root, "runner.py"), "w") as f:
+            f.write('def f():\n    """Doc."""\n\n\nx = 1\n')
+        third = sharded.code_version(sources, root)
+        self.assertNotEqual(third, second)  # a new function
+        with open(os.path.join(root, "runner.py"), "w") as f:
+            f.write('def f():\n    """Another doc."""\n\n\nx = 1\n')
+        self.assertEqual(sharded.code_version(sources, root), third)  # its docstring only
         with self.assertRaisesRegex(FileNotFoundError, "missing.py"):
             sharded.code_version(("missing.py",), root)
         self.assertLen(sharded.code_version(), 16)  # the package's own sources exist

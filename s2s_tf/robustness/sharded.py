@@ -17,6 +17,7 @@ Attacks that cannot run inside a graph (`cw_l2`, whose runner is eager) run on
 the host with `runner.run_attack`, batch by batch, as without a strategy.
 """
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -34,7 +35,8 @@ from s2s_tf.robustness.attacks import get_spec
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # The sources (relative to this package; folders: every .py inside) whose code decides an
-# attack run's per-example results: editing any of them makes earlier shards stale.
+# attack run's per-example results: editing the code (not the docstrings or comments) of any
+# of them makes earlier shards stale.
 ATTACK_CODE = (
     "attacks",
     "cleverhans_shim.py",
@@ -50,7 +52,14 @@ NOT_RESULT_SETTINGS = ("num_examples",)
 
 
 def code_version(sources=ATTACK_CODE, root=_HERE):
-    """A short hash of the source files that compute results (their bytes and names).
+    """A short hash of the code in the source files that compute results.
+
+    What is hashed is each file's name and its syntax tree without docstrings, so
+    comments, docstrings and formatting do not make finished shards stale; any
+    change to the code itself does (a rename included: the hash cannot tell a pure
+    refactor from a change of results, so it assumes the latter). The tree's
+    form can differ between Python versions, so shards do not carry over from one
+    to another.
 
     Args:
       sources: files or folders relative to `root`; a folder stands for every
@@ -78,8 +87,24 @@ def code_version(sources=ATTACK_CODE, root=_HERE):
         for file in files:
             digest.update(os.path.relpath(file, root).encode())
             with open(file, "rb") as f:
-                digest.update(f.read())
+                digest.update(_code_only(f.read(), file).encode())
     return digest.hexdigest()[:16]
+
+
+def _code_only(source, filename):
+    """`source`'s syntax tree without docstrings, dumped as text (no comments, no layout)."""
+    tree = ast.parse(source, filename)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 @functools.cache
