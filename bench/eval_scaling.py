@@ -30,6 +30,7 @@ batch is fixed (weak scaling); the median of --timed_calls calls after one
 untimed call is reported.
 """
 
+import ctypes
 import json
 import os
 import statistics
@@ -79,6 +80,14 @@ flags.DEFINE_integer("steps", 5, "PGD steps k (stream mode: the attack's steps).
 flags.DEFINE_float("eps", 8.0 / 255.0, "L-inf budget in [0, 1] pixel units.")
 flags.DEFINE_integer("timed_calls", 3, "Timed calls per replica count (median).", lower_bound=1)
 flags.DEFINE_string("json_out", None, "Also write the numbers to this JSON file.")
+flags.DEFINE_integer(
+    "heap_dump_every",
+    0,
+    "Stream mode: write a jemalloc heap profile after every this many shards (0: none); "
+    "needs LD_PRELOAD of a jemalloc built with profiling and MALLOC_CONF=prof:true "
+    "(see heap_dump).",
+    lower_bound=0,
+)
 
 
 def make_strategy(replicas):
@@ -240,6 +249,24 @@ def peak_rss_kb():
     return status_kb("VmHWM")
 
 
+def heap_dump():
+    """Writes a jemalloc heap profile now (`prof.dump`, to MALLOC_CONF's prof_prefix).
+
+    For finding what grows between shards: run the bench with, e.g.,
+    `LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=prof:true,lg_prof_sample:14,prof_prefix:/tmp/p`
+    and compare two profiles with `jeprof --base=EARLY.heap python LATE.heap`.
+
+    Raises:
+      RuntimeError: when jemalloc is not loaded or profiling is off.
+    """
+    mallctl = getattr(ctypes.CDLL(None), "mallctl", None)
+    if mallctl is None:
+        raise RuntimeError("--heap_dump_every needs jemalloc: LD_PRELOAD=libjemalloc.so.2")
+    status = mallctl(b"prof.dump", None, None, None, ctypes.c_size_t(0))
+    if status:
+        raise RuntimeError(f"jemalloc prof.dump failed ({status}): set MALLOC_CONF=prof:true")
+
+
 def measure_stream(spec):
     """One evaluation of the folder's first `spec["examples"]` images; prints a JSON line."""
     defended = s2s_model.load_keras(spec["model"], "defended model")
@@ -269,6 +296,8 @@ def measure_stream(spec):
             resident.append(status_kb("VmRSS"))
             blocks.append(sys.getallocatedblocks())
             functions.append(len(context.context().list_function_names()))
+            if FLAGS.heap_dump_every and len(resident) % FLAGS.heap_dump_every == 0:
+                heap_dump()
 
     start = time.perf_counter()
     if spec["path"] == "stream":
