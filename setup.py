@@ -18,6 +18,7 @@ import pathlib
 import setuptools
 
 TF_VERSION = "2.21.0"
+ART = "adversarial-robustness-toolbox==1.20.1"
 
 setuptools.setup(
     name="s2s_tf",
@@ -44,7 +45,10 @@ setuptools.setup(
         "cpu": [f"tensorflow-cpu=={TF_VERSION}"],
         "gpu": [f"tensorflow[and-cuda]=={TF_VERSION}"],
         # pytest-xdist: the suite runs on every core (scripts/run_tests.sh passes -n auto).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6"],
+        # The Adversarial Robustness Toolbox: the second attack library of s2s_crosscheck
+        # (the field's standard for checking a defense with attacks not written for it).
+        "crosscheck": [ART],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", ART],
         # Only for reading the authors' .pth/.pt checkpoints (s2s_tf.convert_main);
         # .npz/.safetensors exports of them need no PyTorch.
         "torch": ["torch>=2.6"],
@@ -57,6 +61,7 @@ setuptools.setup(
             "s2s_evaluate=s2s_tf.evaluate_main:run",
             "s2s_export=s2s_tf.export.export_saved_model_main:run",
             "s2s_pipeline=s2s_tf.pipeline_main:run",
+            "s2s_crosscheck=s2s_tf.crosscheck_main:run",
         ],
     },
     classifiers=[

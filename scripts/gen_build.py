@@ -93,7 +93,8 @@ HEADER = """\
 # Library sources are listed under their import path: `s2s_tf/flags` and `s2s_tf/export`
 # are links to the top-level `flags/` and `export/`, so runfiles hold the same package
 # tree as an installed wheel. Third-party pip packages (tensorflow, keras, numpy, absl-py,
-# tensorflow-datasets, cleverhans) are not in deps; they come from the Python environment.
+# tensorflow-datasets, cleverhans, adversarial-robustness-toolbox) are not in deps; they
+# come from the Python environment.
 #
 # Offline: .ci/bazel_check.sh (uses bazel/rules_python_stub) queries the graph and runs the
 # fast unit tests.

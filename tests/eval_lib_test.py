@@ -36,7 +36,8 @@ class EvaluateTest(tf.test.TestCase):
             s2s_model.build_s2s_model(own_ae, lenet5), os.path.join(workdir, "lenet5_s2s.keras")
         )
         config = eval_lib.EvalRunConfig(
-            data=data_lib.DataConfig(source="testing", split="test", image_size=SIZE),
+            # Not the model's size: the evaluation runs at the model's and records that.
+            data=data_lib.DataConfig(source="testing", split="test", image_size=(20, 20)),
             defended_path=paths["defended"],
             transfer_defended=(("lenet5", lenet5_s2s),),
             baselines=("bit_depth",),
@@ -62,6 +63,7 @@ class EvaluateTest(tf.test.TestCase):
         with open(os.path.join(outdir, "robustness.json")) as f:
             saved = json.load(f)
         self.assertEqual(saved["results"]["clean"], document["results"]["clean"])
+        self.assertEqual(saved["config"]["data"]["image_size"], list(SIZE))
         # The evaluated bytes, which the export's model card compares with the exported ones.
         for path in (paths["defended"], lenet5_s2s):
             with open(path, "rb") as f:

@@ -265,6 +265,13 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         global_batch_size=config.attack.batch_size,
         image_size=tuple(defended.input_shape[1:3]),
     )
+    if data.image_size != tuple(config.data.image_size):
+        progress(
+            f"evaluating at the defended model's input size {data.image_size}, not the data "
+            f"config's {tuple(config.data.image_size)}"
+        )
+    # The report records the data as evaluated (the model's size, the attack batch).
+    config = dataclasses.replace(config, data=data)
     results = streaming.evaluate_split(
         models,
         data,

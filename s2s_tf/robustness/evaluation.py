@@ -322,6 +322,24 @@ def _is_budget_run(run, key):
     return run.endswith(f"/{key}") and not run.startswith(("clean/", LARGE_EPS, CHECK_BASE))
 
 
+def worst_case(per_example, key):
+    """The per-example worst case at eps key `key` ("8/255") of a results' "per_example".
+
+    Returns:
+      (bool [n]: correct clean and after every run at that eps that counts in
+      the headline, sorted names of those runs without the eps).
+    """
+    robust = np.asarray(per_example["clean/defended"], bool).copy()
+    runs = []
+    for run, correct in per_example.items():
+        if not _is_budget_run(run, key):
+            continue
+        correct = np.asarray(correct, bool)
+        robust[: len(correct)] &= correct
+        runs.append(run[: -len(key) - 1])
+    return robust, sorted(runs)
+
+
 def headline(results, eps_list):
     """Per eps, the per-example worst case over every run at that eps, with a 95 % interval.
 
@@ -334,19 +352,10 @@ def headline(results, eps_list):
     Returns:
       A dict eps key -> {"robust_accuracy", "ci95", "robust", "n", "runs"}.
     """
-    per_example = results["per_example"]
-    clean = np.asarray(per_example["clean/defended"], bool)
     table = {}
     for eps in eps_list:
         key = eps_key(eps)
-        robust = clean.copy()
-        runs = []
-        for run, correct in per_example.items():
-            if not _is_budget_run(run, key):
-                continue
-            correct = np.asarray(correct, bool)
-            robust[: len(correct)] &= correct
-            runs.append(run[: -len(key) - 1])
+        robust, runs = worst_case(results["per_example"], key)
         n, k = len(robust), int(robust.sum())
         low, high = stats.wilson_interval(k, n)
         table[key] = {
@@ -354,7 +363,7 @@ def headline(results, eps_list):
             "ci95": [low, high],
             "robust": k,
             "n": n,
-            "runs": sorted(runs),
+            "runs": runs,
         }
     return table
 

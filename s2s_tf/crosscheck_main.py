@@ -1,0 +1,152 @@
+r"""Binary: checks an evaluation's headline with another attack library (ART) on the export.
+
+  s2s_crosscheck --export_dir=workdir/fmnist/export/3 \
+      --report=workdir/fmnist/eval_standard500/robustness.json
+
+Runs ART's APGD-CE and APGD-DLR through the exported SavedModel's white-box,
+BPDA and gray-box views and ART's Square attack on it (`robustness.art_crosscheck`),
+on the examples the report was computed on, at each eps of the report's headline
+(or --eps), and compares per example: the report's worst case may be at most
+--tolerance above ART's. Writes <report folder>/crosscheck_art.json (or --output)
+and exits with status 1 when a comparison fails, naming the examples ART fooled
+that the report counts robust. Needs `pip install adversarial-robustness-toolbox`
+(the `crosscheck` extra).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from s2s_tf import config_io
+from s2s_tf import data as data_lib
+from s2s_tf.export import model_card
+from s2s_tf.export import serving_files
+from s2s_tf.robustness import art_crosscheck
+from s2s_tf.robustness import evaluation
+
+FLAGS = flags.FLAGS
+OUTPUT_FILE = "crosscheck_art.json"
+
+flags.DEFINE_string("export_dir", None, "An exported SavedModel version folder.")
+flags.DEFINE_string("report", None, "robustness.json of the evaluation to check.")
+flags.DEFINE_string("eps", None, "Budgets to check, e.g. 8/255 (default: the report's).")
+flags.DEFINE_integer("num_examples", None, "Check only the report's first N examples.")
+flags.DEFINE_integer("steps", 100, "APGD iterations.", lower_bound=1)
+flags.DEFINE_integer("square_queries", 5000, "Square's queries (0: none).", lower_bound=0)
+flags.DEFINE_list("attacks", list(art_crosscheck.APGD_LOSSES), "APGD variants.")
+flags.DEFINE_list("threat_models", list(art_crosscheck.THREAT_MODELS), "Gradient views.")
+flags.DEFINE_integer("batch_size", 100, "Examples per ART call.", lower_bound=1)
+flags.DEFINE_float("tolerance", 0.01, "How far above ART's the report may be.", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "Seed of ART's random draws.")
+flags.DEFINE_string(
+    "output", None, f"Where to write the JSON (default: next to --report, {OUTPUT_FILE})."
+)
+flags.mark_flags_as_required(["export_dir", "report"])
+
+
+def load_report(path):
+    """The report's results, with a clear error for what is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--report: no file {path}")
+    with open(path, encoding="utf-8") as f:
+        document = json.load(f)
+    if "per_example" not in document.get("results", {}):
+        raise ValueError(f"--report: {path} holds no per-example results (not a robustness.json)")
+    return document
+
+
+def export_image_size(export_dir):
+    """(H, W) the export serves, from its model card."""
+    path = os.path.join(export_dir, serving_files.WARMUP_DIR, model_card.CARD_JSON)
+    if not os.path.isfile(path):
+        raise ValueError(f"--export_dir: no model card {path}; cannot tell the input size")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["input"]["image_size"]
+
+
+def plan(document):
+    """(eps values, eps keys, number of examples) to check, validated against the report."""
+    headline = document["results"]["headline"]
+    eps = config_io.parse_eps_list(FLAGS.eps) if FLAGS.eps else None
+    keys = [evaluation.eps_key(e) for e in eps] if eps else list(headline)
+    missing = [key for key in keys if key not in headline]
+    if missing:
+        raise ValueError(f"--eps: the report has no results at {missing}; it has {list(headline)}")
+    values = eps or config_io.parse_eps_list(",".join(keys))
+    n = len(document["results"]["per_example"]["clean/defended"])
+    if FLAGS.num_examples is not None and not 0 < FLAGS.num_examples <= n:
+        raise ValueError(f"--num_examples must be in [1, {n}] (the report's examples)")
+    if not os.path.isfile(os.path.join(FLAGS.export_dir, "saved_model.pb")):
+        raise ValueError(f"--export_dir: no saved_model.pb in {FLAGS.export_dir}")
+    export_image_size(FLAGS.export_dir)
+    return values, keys, FLAGS.num_examples or n
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        document = load_report(FLAGS.report)
+        eps_values, keys, n = plan(document)
+        configs = [
+            art_crosscheck.CrossCheckConfig(
+                eps=eps,
+                steps=FLAGS.steps,
+                square_queries=FLAGS.square_queries,
+                attacks=tuple(FLAGS.attacks),
+                threat_models=tuple(FLAGS.threat_models),
+                batch_size=FLAGS.batch_size,
+                seed=FLAGS.seed,
+            )
+            for eps in eps_values
+        ]
+        for config in configs:
+            config.validate()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    data = config_io.config_from_dict(data_lib.DataConfig, document["config"]["data"])
+    # The export's size, from its card: reports written before they recorded the evaluated
+    # size hold the flag's default there, and the evaluation ran at the model's size.
+    size = tuple(export_image_size(FLAGS.export_dir))
+    data = dataclasses.replace(data, num_examples=n, augment="off", image_size=size)
+    images, labels = data_lib.load_numpy(data)
+    per_example = document["results"]["per_example"]
+    checks, failed = {}, []
+    for key, config in zip(keys, configs, strict=True):
+        logging.info("ART on %s: %d examples at %s", FLAGS.export_dir, n, key)
+        theirs = art_crosscheck.run(FLAGS.export_dir, images, labels, config)
+        ours = evaluation.worst_case(per_example, key)[0][:n]
+        verdict = art_crosscheck.compare(ours, theirs["robust"], FLAGS.tolerance)
+        checks[key] = {"art": theirs, "comparison": verdict}
+        print(
+            f"{key}: report {verdict['ours']:.1%}, ART {verdict['theirs']:.1%} on {n} examples "
+            f"({'passed' if verdict['passed'] else 'FAILED'}; ART fooled "
+            f"{len(verdict['missed'])} that the report counts robust)"
+        )
+        for row in theirs["runs"]:
+            print(
+                f"  {row['run']}: {row['fooled']} of {row['attacked']} fooled, {row['seconds']} s"
+            )
+        if not verdict["passed"]:
+            failed.append(key)
+    output = FLAGS.output or os.path.join(os.path.dirname(FLAGS.report), OUTPUT_FILE)
+    art_crosscheck.write_json(
+        {"export_dir": FLAGS.export_dir, "report": FLAGS.report, "checks": checks}, output
+    )
+    print(f"wrote {output}")
+    if failed:
+        print(f"the report is above ART's worst case by more than {FLAGS.tolerance} at {failed}")
+        sys.exit(1)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

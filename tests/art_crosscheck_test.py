@@ -1,0 +1,162 @@
+"""Tests for the ART cross-check of an exported defended model (`robustness.art_crosscheck`)."""
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app
+from absl.testing import flagsaver
+
+from s2s_tf import crosscheck_main
+from s2s_tf.export import export_lib
+from s2s_tf.models import autoencoder as ae_lib
+from s2s_tf.models import classifiers
+from s2s_tf.models import s2s_model
+from s2s_tf.robustness import art_crosscheck
+
+SIZE = (16, 16)
+
+
+class CrossCheckTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        keras.utils.set_random_seed(0)
+        cls.dir = tempfile.mkdtemp()
+        autoencoder = ae_lib.build_autoencoder(
+            ae_lib.AutoencoderConfig(stage_widths=((4,), (8,))), input_shape=(*SIZE, 3)
+        )
+        cls.classifier = classifiers.build_classifier_with_preprocessing("testing", SIZE, 10)
+        cls.defended = s2s_model.build_s2s_model(autoencoder, cls.classifier)
+        cls.purifier = s2s_model.build_purifier(autoencoder, (*SIZE, 3))
+        path = os.path.join(cls.dir, "defended.keras")
+        cls.defended.save(path)
+        cls.export_dir = export_lib.export(
+            export_lib.ExportConfig(
+                export_base=os.path.join(cls.dir, "export"),
+                defended_path=path,
+                warmup_batch_sizes=(1,),
+            )
+        )
+        cls.images = np.random.default_rng(1).uniform(size=(12, *SIZE, 3)).astype(np.float32)
+        # Labels the defended model gets right, so every example is attacked.
+        cls.labels = np.argmax(cls.defended(cls.images), -1)
+        # Parse the binary's flags once (both required); the tests override them with flagsaver.
+        crosscheck_main.FLAGS(["s2s_crosscheck", f"--export_dir={cls.dir}", "--report=unused"])
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_views_match_the_models(self):
+        views = art_crosscheck.export_views(self.export_dir)
+        x = tf.constant(self.images[:4])
+        self.assertAllClose(views["defended"](x), self.defended(x), atol=1e-5)
+        self.assertAllClose(views["undefended"](x), self.classifier(x), atol=1e-5)
+        # BPDA: the defended forward pass ...
+        self.assertAllClose(views["bpda"](x), self.defended(x), atol=1e-5)
+        # ... and the classifier's gradient at the purified images, the autoencoder as identity.
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            bpda = tf.reduce_sum(views["bpda"](x) * tf.one_hot(self.labels[:4], 10))
+        purified = tf.constant(self.purifier(x))
+        with tf.GradientTape() as tape2:
+            tape2.watch(purified)
+            reference = tf.reduce_sum(self.classifier(purified) * tf.one_hot(self.labels[:4], 10))
+        self.assertAllClose(tape.gradient(bpda, x), tape2.gradient(reference, purified), atol=1e-5)
+
+    def test_not_an_export(self):
+        folder = tempfile.mkdtemp(dir=self.dir)
+        module = tf.Module()
+        module.f = tf.function(lambda x: {"logits": x}, input_signature=[tf.TensorSpec(None)])
+        tf.saved_model.save(module, folder, signatures={"serving_default": module.f})
+        with self.assertRaisesRegex(ValueError, "not an s2s_tf export"):
+            art_crosscheck.export_views(folder)
+
+    def test_cascade(self):
+        config = art_crosscheck.CrossCheckConfig(
+            eps=16 / 255, steps=5, square_queries=20, batch_size=5
+        )
+        result = art_crosscheck.run(self.export_dir, self.images, self.labels, config)
+        names = [row["run"] for row in result["runs"]]
+        self.assertEqual(
+            names,
+            [
+                f"{threat}/{attack}"
+                for threat in art_crosscheck.THREAT_MODELS
+                for attack in art_crosscheck.APGD_LOSSES
+            ]
+            + ["gradient_free/square"],
+        )
+        self.assertTrue(all(result["clean"]))
+        # Each run attacks what the runs before it left robust.
+        attacked = len(self.labels)
+        for row in result["runs"]:
+            self.assertEqual(row["attacked"], attacked)
+            attacked -= row["fooled"]
+        self.assertEqual(sum(result["robust"]), attacked)
+        self.assertEqual(result["robust_accuracy"], attacked / len(self.labels))
+        # The attacks work: a random tiny model does not resist 16/255 everywhere.
+        self.assertLess(attacked, len(self.labels))
+
+    def test_budget_guard(self):
+        x = np.zeros((2, 4, 4, 3), np.float32)
+        art_crosscheck._check_budget("ok", x, x + 0.1, 0.1)
+        with self.assertRaisesRegex(RuntimeError, "breaks? the budget"):
+            art_crosscheck._check_budget("bad", x, x + 0.2, 0.1)
+
+    def test_config_validation(self):
+        with self.assertRaisesRegex(ValueError, "eps"):
+            art_crosscheck.CrossCheckConfig(eps=0.0).validate()
+        with self.assertRaisesRegex(ValueError, "unknown attack"):
+            art_crosscheck.CrossCheckConfig(eps=0.1, attacks=("fgsm",)).validate()
+        with self.assertRaisesRegex(ValueError, "unknown threat model"):
+            art_crosscheck.CrossCheckConfig(eps=0.1, threat_models=("surrogate",)).validate()
+
+    def test_compare(self):
+        ours = [True, True, False, False]
+        self.assertTrue(art_crosscheck.compare(ours, [True, True, False, False])["passed"])
+        lower = art_crosscheck.compare([False, True, False, False], ours)
+        self.assertTrue(lower["passed"])  # ours below theirs: expected (the surrogate)
+        self.assertEqual(lower["missed"], [])
+        flattering = art_crosscheck.compare(ours, [True, False, False, False])
+        self.assertFalse(flattering["passed"])
+        self.assertEqual(flattering["missed"], [1])
+        self.assertEqual((flattering["ours"], flattering["theirs"]), (0.5, 0.25))
+        self.assertTrue(
+            art_crosscheck.compare(ours, [True, False, False, False], tolerance=0.25)["passed"]
+        )
+        with self.assertRaisesRegex(ValueError, "different examples"):
+            art_crosscheck.compare(ours, [True])
+
+    def test_binary_rejects_bad_input_before_attacking(self):
+        report = os.path.join(self.dir, "robustness.json")
+        per_example = {"clean/defended": [1, 1], "white_box/apgd_ce/8/255": [1, 0]}
+        with open(report, "w") as f:
+            json.dump({"results": {"per_example": per_example, "headline": {"8/255": {}}}}, f)
+        cases = [
+            ({"report": os.path.join(self.dir, "missing.json")}, "no file"),
+            ({"eps": "4/255"}, r"no results at \['4/255'\]"),
+            ({"num_examples": 3}, r"num_examples must be in \[1, 2\]"),
+            ({"export_dir": self.dir}, "no saved_model.pb"),
+        ]
+        for overrides, message in cases:
+            values = {"export_dir": self.export_dir, "report": report, **overrides}
+            with flagsaver.flagsaver(**values), self.assertRaisesRegex(app.UsageError, message):
+                crosscheck_main.main(["s2s_crosscheck"])
+        with open(report, "w") as f:
+            json.dump({"results": {}}, f)
+        with (
+            flagsaver.flagsaver(export_dir=self.export_dir, report=report),
+            self.assertRaisesRegex(app.UsageError, "not a robustness.json"),
+        ):
+            crosscheck_main.main(["s2s_crosscheck"])
+
+
+if __name__ == "__main__":
+    tf.test.main()
