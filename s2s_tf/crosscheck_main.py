@@ -32,21 +32,64 @@ from s2s_tf.robustness import evaluation
 FLAGS = flags.FLAGS
 OUTPUT_FILE = "crosscheck_art.json"
 
-flags.DEFINE_string("export_dir", None, "An exported SavedModel version folder.")
-flags.DEFINE_string("report", None, "robustness.json of the evaluation to check.")
-flags.DEFINE_string("eps", None, "Budgets to check, e.g. 8/255 (default: the report's).")
-flags.DEFINE_integer("num_examples", None, "Check only the report's first N examples.")
-flags.DEFINE_integer("steps", 100, "APGD iterations.", lower_bound=1)
-flags.DEFINE_integer("square_queries", 5000, "Square's queries (0: none).", lower_bound=0)
-flags.DEFINE_list("attacks", list(art_crosscheck.APGD_LOSSES), "APGD variants.")
-flags.DEFINE_list("threat_models", list(art_crosscheck.THREAT_MODELS), "Gradient views.")
-flags.DEFINE_integer("batch_size", 100, "Examples per ART call.", lower_bound=1)
-flags.DEFINE_float("tolerance", 0.01, "How far above ART's the report may be.", lower_bound=0)
-flags.DEFINE_integer("seed", 0, "Seed of ART's random draws.")
-flags.DEFINE_string(
-    "output", None, f"Where to write the JSON (default: next to --report, {OUTPUT_FILE})."
-)
-flags.mark_flags_as_required(["export_dir", "report"])
+
+def define_flags(flag_values=FLAGS):
+    """Defines the binary's flags on `flag_values`; what needs no file is checked at parse time."""
+    defaults = art_crosscheck.CrossCheckConfig(eps=1.0)
+    fv = flag_values
+    flags.DEFINE_string(
+        "export_dir", None, "An exported SavedModel version folder.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "report", None, "robustness.json of the evaluation to check.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "eps", None, "Budgets to check, e.g. 8/255 (default: the report's).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_examples", None, "Check the report's first N examples.", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_integer("steps", defaults.steps, "APGD iterations.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer(
+        "square_queries",
+        defaults.square_queries,
+        "Square's queries (0: no Square).",
+        lower_bound=0,
+        flag_values=fv,
+    )
+    flags.DEFINE_multi_enum(
+        "attacks",
+        list(defaults.attacks),
+        list(art_crosscheck.APGD_LOSSES),
+        "APGD variants.",
+        flag_values=fv,
+    )
+    flags.DEFINE_multi_enum(
+        "threat_models",
+        list(defaults.threat_models),
+        list(art_crosscheck.THREAT_MODELS),
+        "Gradient views of the export.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "batch_size", defaults.batch_size, "Examples per ART call.", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_float(
+        "tolerance", 0.01, "How far above ART's the report may be.", lower_bound=0, flag_values=fv
+    )
+    flags.DEFINE_integer("seed", defaults.seed, "Seed of ART's random draws.", flag_values=fv)
+    flags.DEFINE_string(
+        "output", None, f"The JSON's path (default: {OUTPUT_FILE} beside --report).", flag_values=fv
+    )
+    flags.mark_flags_as_required(["export_dir", "report"], flag_values=fv)
+    flags.register_validator("eps", _valid_eps, "--eps: budgets like 8/255,16/255", flag_values=fv)
+
+
+def _valid_eps(text):
+    try:
+        return text is None or bool(config_io.parse_eps_list(text))
+    except ValueError:
+        return False
 
 
 def load_report(path):
@@ -69,44 +112,54 @@ def export_image_size(export_dir):
         return json.load(f)["input"]["image_size"]
 
 
-def plan(document):
+def plan(document, fv=FLAGS):
     """(eps values, eps keys, number of examples) to check, validated against the report."""
     headline = document["results"]["headline"]
-    eps = config_io.parse_eps_list(FLAGS.eps) if FLAGS.eps else None
+    eps = config_io.parse_eps_list(fv.eps) if fv.eps else None
     keys = [evaluation.eps_key(e) for e in eps] if eps else list(headline)
     missing = [key for key in keys if key not in headline]
     if missing:
         raise ValueError(f"--eps: the report has no results at {missing}; it has {list(headline)}")
     values = eps or config_io.parse_eps_list(",".join(keys))
     n = len(document["results"]["per_example"]["clean/defended"])
-    if FLAGS.num_examples is not None and not 0 < FLAGS.num_examples <= n:
+    if fv.num_examples is not None and not 0 < fv.num_examples <= n:
         raise ValueError(f"--num_examples must be in [1, {n}] (the report's examples)")
-    if not os.path.isfile(os.path.join(FLAGS.export_dir, "saved_model.pb")):
-        raise ValueError(f"--export_dir: no saved_model.pb in {FLAGS.export_dir}")
-    export_image_size(FLAGS.export_dir)
-    return values, keys, FLAGS.num_examples or n
+    if not os.path.isfile(os.path.join(fv.export_dir, "saved_model.pb")):
+        raise ValueError(f"--export_dir: no saved_model.pb in {fv.export_dir}")
+    export_image_size(fv.export_dir)
+    return values, keys, fv.num_examples or n
+
+
+def check(fv=FLAGS):
+    """Everything the files tell before any attack: (report, configs per eps, eps keys, n).
+
+    Raises:
+      ValueError: naming the first problem.
+    """
+    document = load_report(fv.report)
+    eps_values, keys, n = plan(document, fv)
+    configs = [
+        art_crosscheck.CrossCheckConfig(
+            eps=eps,
+            steps=fv.steps,
+            square_queries=fv.square_queries,
+            attacks=tuple(fv.attacks),
+            threat_models=tuple(fv.threat_models),
+            batch_size=fv.batch_size,
+            seed=fv.seed,
+        )
+        for eps in eps_values
+    ]
+    for config in configs:
+        config.validate()
+    return document, configs, keys, n
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        document = load_report(FLAGS.report)
-        eps_values, keys, n = plan(document)
-        configs = [
-            art_crosscheck.CrossCheckConfig(
-                eps=eps,
-                steps=FLAGS.steps,
-                square_queries=FLAGS.square_queries,
-                attacks=tuple(FLAGS.attacks),
-                threat_models=tuple(FLAGS.threat_models),
-                batch_size=FLAGS.batch_size,
-                seed=FLAGS.seed,
-            )
-            for eps in eps_values
-        ]
-        for config in configs:
-            config.validate()
+        document, configs, keys, n = check(FLAGS)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     data = config_io.config_from_dict(data_lib.DataConfig, document["config"]["data"])
@@ -119,7 +172,7 @@ def main(argv):
     checks, failed = {}, []
     for key, config in zip(keys, configs, strict=True):
         logging.info("ART on %s: %d examples at %s", FLAGS.export_dir, n, key)
-        theirs = art_crosscheck.run(FLAGS.export_dir, images, labels, config)
+        theirs = art_crosscheck.run(FLAGS.export_dir, images, labels, config, progress=logging.info)
         ours = evaluation.worst_case(per_example, key)[0][:n]
         verdict = art_crosscheck.compare(ours, theirs["robust"], FLAGS.tolerance)
         checks[key] = {"art": theirs, "comparison": verdict}
@@ -145,6 +198,8 @@ def main(argv):
 
 
 def run():
+    """Console-script entry point."""
+    define_flags()
     app.run(main)
 
 

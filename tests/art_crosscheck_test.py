@@ -3,15 +3,18 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app
-from absl.testing import flagsaver
+from absl import flags
 
+from s2s_tf import config_io
 from s2s_tf import crosscheck_main
+from s2s_tf import data as data_lib
 from s2s_tf.export import export_lib
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
@@ -45,8 +48,6 @@ class CrossCheckTest(tf.test.TestCase):
         cls.images = np.random.default_rng(1).uniform(size=(12, *SIZE, 3)).astype(np.float32)
         # Labels the defended model gets right, so every example is attacked.
         cls.labels = np.argmax(cls.defended(cls.images), -1)
-        # Parse the binary's flags once (both required); the tests override them with flagsaver.
-        crosscheck_main.FLAGS(["s2s_crosscheck", f"--export_dir={cls.dir}", "--report=unused"])
 
     @classmethod
     def tearDownClass(cls):
@@ -140,22 +141,81 @@ class CrossCheckTest(tf.test.TestCase):
         with open(report, "w") as f:
             json.dump({"results": {"per_example": per_example, "headline": {"8/255": {}}}}, f)
         cases = [
-            ({"report": os.path.join(self.dir, "missing.json")}, "no file"),
-            ({"eps": "4/255"}, r"no results at \['4/255'\]"),
-            ({"num_examples": 3}, r"num_examples must be in \[1, 2\]"),
-            ({"export_dir": self.dir}, "no saved_model.pb"),
+            (["--report=" + os.path.join(self.dir, "missing.json")], "no file"),
+            (["--eps=4/255"], r"no results at \['4/255'\]"),
+            (["--num_examples=3"], r"num_examples must be in \[1, 2\]"),
+            ([f"--export_dir={self.dir}"], "no saved_model.pb"),
         ]
         for overrides, message in cases:
-            values = {"export_dir": self.export_dir, "report": report, **overrides}
-            with flagsaver.flagsaver(**values), self.assertRaisesRegex(app.UsageError, message):
-                crosscheck_main.main(["s2s_crosscheck"])
+            fv = flags.FlagValues()
+            crosscheck_main.define_flags(fv)
+            fv(
+                ["s2s_crosscheck", f"--export_dir={self.export_dir}", f"--report={report}"]
+                + overrides
+            )
+            with self.assertRaisesRegex(ValueError, message):
+                crosscheck_main.check(fv)
         with open(report, "w") as f:
             json.dump({"results": {}}, f)
-        with (
-            flagsaver.flagsaver(export_dir=self.export_dir, report=report),
-            self.assertRaisesRegex(app.UsageError, "not a robustness.json"),
-        ):
-            crosscheck_main.main(["s2s_crosscheck"])
+        fv = flags.FlagValues()
+        crosscheck_main.define_flags(fv)
+        fv(["s2s_crosscheck", f"--export_dir={self.export_dir}", f"--report={report}"])
+        with self.assertRaisesRegex(ValueError, "not a robustness.json"):
+            crosscheck_main.check(fv)
+        # Parse time: a bad budget, an unknown attack, a missing required flag.
+        for argv in (["--eps=8/256x"], ["--attacks=fgsm"], []):
+            fv = flags.FlagValues()
+            crosscheck_main.define_flags(fv)
+            base = [f"--export_dir={self.export_dir}"] + ([f"--report={report}"] if argv else [])
+            with self.assertRaises(flags.IllegalFlagValueError):
+                fv(["s2s_crosscheck", *base, *argv])
+
+    def test_binary_fails_on_a_flattering_report(self):
+        # A report that counts every example robust: ART disagrees (not even clean accuracy
+        # is 100 % on the testing source's random labels), so the binary exits 1 and says which.
+        data = data_lib.DataConfig(source="testing", split="test", image_size=SIZE)
+        n = 6
+        report = os.path.join(self.dir, "flattering", "robustness.json")
+        os.makedirs(os.path.dirname(report))
+        per_example = {"clean/defended": [1] * n, "white_box/apgd_ce/8/255": [1] * n}
+        with open(report, "w") as f:
+            json.dump(
+                {
+                    "config": {"data": config_io.config_to_dict(data)},
+                    "results": {"per_example": per_example, "headline": {"8/255": {}}},
+                },
+                f,
+            )
+        argv = [
+            sys.executable,
+            "-m",
+            "s2s_tf.crosscheck_main",
+            f"--export_dir={self.export_dir}",
+            f"--report={report}",
+            "--steps=2",
+            "--square_queries=5",
+            "--threat_models=white_box",
+            "--attacks=apgd_ce",
+        ]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        self.assertEqual(out.returncode, 1, out.stderr[-2000:])
+        self.assertIn("8/255: report 100.0%", out.stdout)
+        self.assertIn("FAILED", out.stdout)
+        with open(os.path.join(os.path.dirname(report), crosscheck_main.OUTPUT_FILE)) as f:
+            written = json.load(f)["checks"]["8/255"]
+        self.assertFalse(written["comparison"]["passed"])
+        self.assertEqual(
+            written["comparison"]["missed"],
+            [i for i in range(n) if not written["art"]["robust"][i]],
+        )
+        self.assertEqual([row["run"] for row in written["art"]["runs"]][0], "white_box/apgd_ce")
+        # A tolerance of 100 points passes the same comparison.
+        passed = subprocess.run(
+            [*argv, "--tolerance=1"], env=env, capture_output=True, text=True, timeout=600
+        )
+        self.assertEqual(passed.returncode, 0, passed.stderr[-2000:])
+        self.assertIn("passed", passed.stdout)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def _check_budget(name, x, adv, eps):
         raise RuntimeError(f"{name}: adversarial images break the budget (L-inf {size} > {eps})")
 
 
-def run(export_dir, images, labels, config):
+def run(export_dir, images, labels, config, progress=lambda message: None):
     """ART's attacks on the export, a cascade over `config`'s runs.
 
     Args:
@@ -150,6 +150,7 @@ def run(export_dir, images, labels, config):
       images: float32 [n, H, W, 3] in [0, 1].
       labels: int [n].
       config: `CrossCheckConfig`.
+      progress: callable(str) told about each run as it ends.
 
     Returns:
       A dict: "clean" and "robust" (bool lists [n]: correct clean, and correct
@@ -232,6 +233,7 @@ def run(export_dir, images, labels, config):
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
+        progress(f"ART {name}: fooled {fooled} of {len(index)} ({rows[-1]['seconds']} s)")
     n = len(labels)
     return {
         "eps": config.eps,
