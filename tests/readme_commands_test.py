@@ -31,6 +31,7 @@ _REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 _README = os.path.join(_REPO_ROOT, "README.md")
 _CONSOLE_SCRIPTS = (
     "s2s_convert",
+    "s2s_crosscheck",
     "s2s_demo",
     "s2s_evaluate",
     "s2s_export",
