@@ -23,6 +23,7 @@ _PACKAGE_DIRS = {"s2s_tf": "s2s_tf"}
 _FIRST_PARTY = "s2s_tf"
 # Modules whose test has another name: the test named here imports or runs them.
 _COVERED_BY = {
+    "s2s_tf/crosscheck_main.py": "tests/art_crosscheck_test.py",
     "s2s_tf/data/input_pipeline.py": "tests/data_test.py",
     "s2s_tf/data/sources.py": "tests/data_test.py",
     "s2s_tf/demo.py": "tests/demo_main_test.py",
