@@ -113,7 +113,7 @@ def export_image_size(export_dir):
 
 
 def plan(document, fv=FLAGS):
-    """(eps values, eps keys, number of examples) to check, validated against the report."""
+    """(eps values, eps keys, number of examples, export's (H, W)), checked against the files."""
     headline = document["results"]["headline"]
     eps = config_io.parse_eps_list(fv.eps) if fv.eps else None
     keys = [evaluation.eps_key(e) for e in eps] if eps else list(headline)
@@ -126,18 +126,34 @@ def plan(document, fv=FLAGS):
         raise ValueError(f"--num_examples must be in [1, {n}] (the report's examples)")
     if not os.path.isfile(os.path.join(fv.export_dir, "saved_model.pb")):
         raise ValueError(f"--export_dir: no saved_model.pb in {fv.export_dir}")
-    export_image_size(fv.export_dir)
-    return values, keys, fv.num_examples or n
+    size = tuple(export_image_size(fv.export_dir))
+    return values, keys, fv.num_examples or n, size
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `check` found: the report, one config per eps (with its key), examples, input size.
+
+    `image_size` is the export's, from its card: reports written before they recorded
+    the evaluated size hold the flag's default in their data config, and the
+    evaluation ran at the model's size.
+    """
+
+    document: dict
+    configs: list
+    keys: list
+    num_examples: int
+    image_size: tuple
 
 
 def check(fv=FLAGS):
-    """Everything the files tell before any attack: (report, configs per eps, eps keys, n).
+    """Everything the files tell before any attack: a `Plan`.
 
     Raises:
       ValueError: naming the first problem.
     """
     document = load_report(fv.report)
-    eps_values, keys, n = plan(document, fv)
+    eps_values, keys, n, size = plan(document, fv)
     configs = [
         art_crosscheck.CrossCheckConfig(
             eps=eps,
@@ -152,27 +168,29 @@ def check(fv=FLAGS):
     ]
     for config in configs:
         config.validate()
-    return document, configs, keys, n
+    return Plan(document, configs, keys, n, size)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        document, configs, keys, n = check(FLAGS)
+        checked = check(FLAGS)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    document, n = checked.document, checked.num_examples
     data = config_io.config_from_dict(data_lib.DataConfig, document["config"]["data"])
-    # The export's size, from its card: reports written before they recorded the evaluated
-    # size hold the flag's default there, and the evaluation ran at the model's size.
-    size = tuple(export_image_size(FLAGS.export_dir))
-    data = dataclasses.replace(data, num_examples=n, augment="off", image_size=size)
+    data = dataclasses.replace(data, num_examples=n, augment="off", image_size=checked.image_size)
     images, labels = data_lib.load_numpy(data)
     per_example = document["results"]["per_example"]
+    views = art_crosscheck.export_views(FLAGS.export_dir)  # loaded once for every eps
+    clean = art_crosscheck.clean_correct(views, images, labels, FLAGS.batch_size)
     checks, failed = {}, []
-    for key, config in zip(keys, configs, strict=True):
+    for key, config in zip(checked.keys, checked.configs, strict=True):
         logging.info("ART on %s: %d examples at %s", FLAGS.export_dir, n, key)
-        theirs = art_crosscheck.run(FLAGS.export_dir, images, labels, config, progress=logging.info)
+        theirs = art_crosscheck.run(
+            views, images, labels, config, progress=logging.info, clean=clean
+        )
         ours = evaluation.worst_case(per_example, key)[0][:n]
         verdict = art_crosscheck.compare(ours, theirs["robust"], FLAGS.tolerance)
         checks[key] = {"art": theirs, "comparison": verdict}

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import tempfile
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import flags
@@ -15,10 +14,8 @@ from absl import flags
 from s2s_tf import config_io
 from s2s_tf import crosscheck_main
 from s2s_tf import data as data_lib
+from s2s_tf import testing_utils
 from s2s_tf.export import export_lib
-from s2s_tf.models import autoencoder as ae_lib
-from s2s_tf.models import classifiers
-from s2s_tf.models import s2s_model
 from s2s_tf.robustness import art_crosscheck
 
 SIZE = (16, 16)
@@ -28,14 +25,10 @@ class CrossCheckTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        keras.utils.set_random_seed(0)
         cls.dir = tempfile.mkdtemp()
-        autoencoder = ae_lib.build_autoencoder(
-            ae_lib.AutoencoderConfig(stage_widths=((4,), (8,))), input_shape=(*SIZE, 3)
-        )
-        cls.classifier = classifiers.build_classifier_with_preprocessing("testing", SIZE, 10)
-        cls.defended = s2s_model.build_s2s_model(autoencoder, cls.classifier)
-        cls.purifier = s2s_model.build_purifier(autoencoder, (*SIZE, 3))
+        models = testing_utils.build_tiny_defended(SIZE)
+        cls.classifier, cls.defended = models["classifier"], models["defended"]
+        cls.purifier = models["purifier"]
         path = os.path.join(cls.dir, "defended.keras")
         cls.defended.save(path)
         cls.export_dir = export_lib.export(
@@ -105,6 +98,31 @@ class CrossCheckTest(tf.test.TestCase):
         # The attacks work: a random tiny model does not resist 16/255 everywhere.
         self.assertLess(attacked, len(self.labels))
 
+    def test_views_loaded_once_and_clean_given(self):
+        views = art_crosscheck.export_views(self.export_dir)
+        clean = art_crosscheck.clean_correct(views, self.images, self.labels, batch_size=5)
+        self.assertTrue(all(clean))  # the labels are the defended model's own answers
+        wrong = (self.labels + 1) % 10
+        self.assertFalse(any(art_crosscheck.clean_correct(views, self.images, wrong)))
+        # A clean mask given by the caller: the examples it marks wrong are neither attacked
+        # nor robust.
+        mask = clean.copy()
+        mask[:4] = False
+        config = art_crosscheck.CrossCheckConfig(
+            eps=16 / 255,
+            steps=2,
+            square_queries=0,
+            attacks=("apgd_ce",),
+            threat_models=("white_box",),
+            batch_size=5,
+        )
+        result = art_crosscheck.run(views, self.images, self.labels, config, clean=mask)
+        self.assertEqual(result["runs"][0]["attacked"], len(self.labels) - 4)
+        self.assertEqual(result["clean"], mask.tolist())
+        self.assertFalse(any(result["robust"][:4]))
+        with self.assertRaisesRegex(ValueError, "clean covers 3 examples"):
+            art_crosscheck.run(views, self.images, self.labels, config, clean=mask[:3])
+
     def test_budget_guard(self):
         x = np.zeros((2, 4, 4, 3), np.float32)
         art_crosscheck._check_budget("ok", x, x + 0.1, 0.1)
@@ -155,6 +173,13 @@ class CrossCheckTest(tf.test.TestCase):
             )
             with self.assertRaisesRegex(ValueError, message):
                 crosscheck_main.check(fv)
+        fv = flags.FlagValues()
+        crosscheck_main.define_flags(fv)
+        fv(["s2s_crosscheck", f"--export_dir={self.export_dir}", f"--report={report}"])
+        checked = crosscheck_main.check(fv)
+        self.assertEqual((checked.keys, checked.num_examples), (["8/255"], 2))
+        self.assertEqual(checked.image_size, SIZE)  # the export's, from its model card
+        self.assertEqual([c.eps for c in checked.configs], [8 / 255])
         with open(report, "w") as f:
             json.dump({"results": {}}, f)
         fv = flags.FlagValues()

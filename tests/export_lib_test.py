@@ -22,12 +22,12 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import op_def_registry
 
 from s2s_tf import data as data_lib
+from s2s_tf import testing_utils
 from s2s_tf.export import export_lib
 from s2s_tf.export import serving_files
 from s2s_tf.export import signatures
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import classifiers
-from s2s_tf.models import s2s_model
 
 SIZE = (16, 16)
 TIMEOUT_S = 120
@@ -82,14 +82,11 @@ class ExportedModelTest(tf.test.TestCase, parameterized.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        keras.utils.set_random_seed(0)
         cls.dir = tempfile.mkdtemp()
-        autoencoder = ae_lib.build_autoencoder(
-            ae_lib.AutoencoderConfig(stage_widths=((4,), (8,))), input_shape=(*SIZE, 3)
-        )
-        cls.classifier = classifiers.build_classifier_with_preprocessing("testing", SIZE, 10)
-        cls.defended = s2s_model.build_s2s_model(autoencoder, cls.classifier)
-        cls.purifier = s2s_model.build_purifier(autoencoder, (*SIZE, 3))
+        models = testing_utils.build_tiny_defended(SIZE)
+        autoencoder = models["autoencoder"]
+        cls.classifier, cls.defended = models["classifier"], models["defended"]
+        cls.purifier = models["purifier"]
         cls.paths = {
             name: os.path.join(cls.dir, f"{name}.keras")
             for name in ("defended", "autoencoder", "classifier")

@@ -142,15 +142,36 @@ def _check_budget(name, x, adv, eps):
         raise RuntimeError(f"{name}: adversarial images break the budget (L-inf {size} > {eps})")
 
 
-def run(export_dir, images, labels, config, progress=lambda message: None):
+def clean_correct(views, images, labels, batch_size=100):
+    """bool [n]: whether `serving_default` classifies each image correctly.
+
+    Args:
+      views: `export_views`' dict.
+      images: float32 [n, H, W, 3] in [0, 1].
+      labels: int [n].
+      batch_size: images per call.
+    """
+    images = np.asarray(images, np.float32)
+    logits = [
+        views["defended"](images[start : start + batch_size]).numpy()
+        for start in range(0, len(images), batch_size)
+    ]
+    predicted = np.concatenate(logits).argmax(-1) if logits else np.zeros([0], np.int64)
+    return predicted == np.asarray(labels).astype(np.int64)
+
+
+def run(export, images, labels, config, progress=lambda message: None, clean=None):
     """ART's attacks on the export, a cascade over `config`'s runs.
 
     Args:
-      export_dir: an s2s_tf SavedModel version folder.
+      export: an s2s_tf SavedModel version folder, or `export_views`' dict of
+        one (load it once to check several budgets).
       images: float32 [n, H, W, 3] in [0, 1].
       labels: int [n].
       config: `CrossCheckConfig`.
       progress: callable(str) told about each run as it ends.
+      clean: `clean_correct(views, images, labels)` when already computed (it
+        does not depend on eps); None: computed here.
 
     Returns:
       A dict: "clean" and "robust" (bool lists [n]: correct clean, and correct
@@ -165,17 +186,19 @@ def run(export_dir, images, labels, config, progress=lambda message: None):
     tf.random.set_seed(config.seed)
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).astype(np.int64)
-    views = export_views(export_dir)
-    defended = views["defended"]
-    num_classes = int(defended(images[:1]).shape[-1])
+    views = export if isinstance(export, dict) else export_views(export)
+    num_classes = int(views["defended"](images[:1]).shape[-1])
     estimators = {
         name: _estimator(views[name], num_classes, images.shape[1:])
         for name in ("defended", "undefended", "bpda")
     }
     gradient_of = {"white_box": "defended", "bpda": "bpda", "gray_box": "undefended"}
 
-    clean = estimators["defended"].predict(images, batch_size=config.batch_size).argmax(-1)
-    clean = clean == labels
+    if clean is None:
+        clean = clean_correct(views, images, labels, config.batch_size)
+    clean = np.asarray(clean, bool)
+    if clean.shape != labels.shape:
+        raise ValueError(f"clean covers {clean.shape[0]} examples, labels {labels.shape[0]}")
     robust = clean.copy()
     plan = [
         (
