@@ -115,13 +115,23 @@ def _budget(config):
 
 
 # The inner attack of adversarial training (`AdversarialConfig`); stage 2 adds its own terms.
-_ATTACK_KEYS = ("train_eps", "train_attack", "train_attack_steps", "train_step_size")
+_ATTACK_KEYS = (
+    "train_eps",
+    "train_eps_ramp_steps",
+    "train_attack",
+    "train_attack_steps",
+    "train_step_size",
+)
 _STAGE2_ATTACK_KEYS = (*_ATTACK_KEYS, "robust_weight", "train_surrogate_temperature")
+
+
+# Settings added after configs were first recorded, with the value a config without them ran.
+_ADDED_LATER = {"train_eps_ramp_steps": 0}
 
 
 def _inner_attack(config, keys):
     adversarial = config.get("adversarial") or {}
-    return {key: adversarial.get(key, UNKNOWN) for key in keys}
+    return {key: adversarial.get(key, _ADDED_LATER.get(key, UNKNOWN)) for key in keys}
 
 
 def _training(training, classifier_training):

@@ -258,8 +258,36 @@ class MadryStage0Test(tf.test.TestCase):
         self.assertLessEqual(check["accuracy"], check["clean_accuracy"])
         self.assertLessEqual(check["perturbation_linf"], EPS + 1e-6)
 
+    def test_budget_ramp(self):
+        # With a ramp, the training attack's budget (and step) grows with the global step.
+        config = _save_models(tempfile.mkdtemp())
+        attack = adversarial.AdversarialConfig(
+            train_eps=EPS, train_attack_steps=3, train_eps_ramp_steps=4
+        )
+        stage = stages.ClassifierStage(config, adversarial=attack)
+        stage.build()
+        images, labels = _batch()
+        for step, share in ((0, 0.25), (1, 0.5), (3, 1.0), (100, 1.0)):
+            perturbed = stage.perturb(images, labels, tf.constant(step, tf.int64))
+            size = np.max(np.abs(perturbed - images), axis=(1, 2, 3))
+            self.assertAllLessEqual(size, share * EPS + 1e-6)
+            self.assertGreater(size.min(), 0.9 * share * EPS, f"step {step}")
+
 
 class SettingsTest(tf.test.TestCase, parameterized.TestCase):
+    def test_ramp_schedule(self):
+        config = adversarial.AdversarialConfig(
+            train_eps=0.1, train_attack_steps=5, train_eps_ramp_steps=10
+        )
+        eps, step = config.budget_at(tf.constant(4, tf.int64))
+        self.assertAllClose((eps, step), (0.05, 0.025))
+        self.assertAllClose(config.budget_at(9), (0.1, 0.05))
+        self.assertAllClose(config.budget_at(50), (0.1, 0.05))
+        flat = adversarial.AdversarialConfig(train_eps=0.1, train_attack_steps=5)
+        self.assertAllClose(flat.budget_at(0), (0.1, 0.05))
+        with self.assertRaisesRegex(ValueError, "train_eps_ramp_steps"):
+            adversarial.AdversarialConfig(train_eps_ramp_steps=-1).validate()
+
     def test_budgets_and_step_sizes(self):
         self.assertAlmostEqual(adversarial.parse_budget("8/255"), 8 / 255)
         self.assertEqual(adversarial.unparse_budget(8 / 255), "8/255")

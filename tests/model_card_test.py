@@ -232,7 +232,7 @@ class ModelCardTest(tf.test.TestCase):
             config_io.save_config(config, directory)
 
         stage2_attack = adversarial.AdversarialConfig(
-            train_eps=4 / 255, train_attack_steps=3, robust_weight=2.5
+            train_eps=4 / 255, train_attack_steps=3, robust_weight=2.5, train_eps_ramp_steps=40
         )
         save(
             "stage2", 123, 48, 7e-4, "crop",
@@ -261,6 +261,7 @@ class ModelCardTest(tf.test.TestCase):
                 "augment": "crop",
                 "inner_attack": {
                     "train_eps": 4 / 255,
+                    "train_eps_ramp_steps": 40,
                     "train_attack": stage2_attack.train_attack,
                     "train_attack_steps": 3,
                     "train_step_size": None,
@@ -275,17 +276,32 @@ class ModelCardTest(tf.test.TestCase):
         self.assertEqual(training["classifier"]["train_steps"], 55)
         self.assertEqual(training["classifier"]["inner_attack"]["train_attack"], "fgsm_rs")
         self.assertNotIn("robust_weight", training["classifier"]["inner_attack"])
+        self.assertEqual(training["classifier"]["inner_attack"]["train_eps_ramp_steps"], 0)
         text = model_card.markdown(card)
         for shown in (
             "- Stage 2: objective adversarial, trains the autoencoder; 123 steps of batch 48",
-            "augmentation crop; inner attack: train_eps 4/255, train_attack",
+            "augmentation crop; inner attack: train_eps 4/255, train_eps_ramp_steps 40, "
+            "train_attack",
             "train_attack_steps 3, train_step_size default, robust_weight 2.5",
             "- Stage 1: 77 steps of batch 32",
             "augmentation crop_flip",
             "- Classifier training: objective adversarial; 55 steps of batch 16",
-            "train_eps 6/255, train_attack fgsm_rs",
+            "train_eps 6/255, train_eps_ramp_steps 0, train_attack fgsm_rs",
         ):
             self.assertIn(shown, text)
+        # A config recorded before the ramp existed ran without one.
+        path = os.path.join(workdir, "stage0", "config.json")
+        with open(path) as f:
+            recorded = json.load(f)
+        del recorded["adversarial"]["train_eps_ramp_steps"]
+        with open(path, "w") as f:
+            json.dump(recorded, f)
+        card = json.loads(json.dumps(model_card.build_card(
+            sources, self.autoencoder, self.classifier, SIZE, None,
+            provenance={"model_files": {}, "report": None},
+        )))  # fmt: skip
+        training = card["training"]
+        self.assertEqual(training["classifier"]["inner_attack"]["train_eps_ramp_steps"], 0)
         # The class fixture's paper stage 2 has no stage-1 or classifier config beside it.
         paper = self._card(None)[0]["training"]
         self.assertEqual(paper["stage2"]["objective"], "paper")

@@ -63,6 +63,8 @@ class AdversarialConfig:
       train_attack: "pgd" (PGD-k) or "fgsm_rs" (one step), both from a random start.
       train_attack_steps: steps of PGD-k (fgsm_rs takes one).
       train_step_size: step in pixel units; None: 2.5 eps / k (PGD), 1.25 eps (fgsm_rs).
+      train_eps_ramp_steps: steps over which the training budget (and the attack's step
+        with it) rises linearly to `train_eps`; 0: the whole budget from the first step.
       robust_weight: weight of the robust term (TRADES' beta in stage 2).
       train_surrogate_temperature: the soft-routing surrogate's temperature relative
         to each pool's measured activation scale (`surrogates.calibrate`); stage 2.
@@ -90,6 +92,12 @@ class AdversarialConfig:
         parse=parse_budget,
         unparse=unparse_budget,
         check=_check_budget,
+    )
+    train_eps_ramp_steps: int = setting(
+        0,
+        "Steps over which the training budget rises linearly from 0 to --train_eps (the "
+        "attack's step with it); 0: the whole budget from the first step.",
+        lower_bound=0,
     )
     # 3 measured better than TRADES' usual 6 on both axes in the robust job (held-out check
     # 65.6 % against 57.8 %, clean 83.9 % against 82.9 %; README, "Adversarial stage 2").
@@ -121,6 +129,10 @@ class AdversarialConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.robust_weight < 0 or self.robust_check_examples < 0:
             raise ValueError("robust_weight and robust_check_examples must be >= 0")
+        if not isinstance(self.train_eps_ramp_steps, int) or self.train_eps_ramp_steps < 0:
+            raise ValueError(
+                f"train_eps_ramp_steps must be an int >= 0, got {self.train_eps_ramp_steps!r}"
+            )
         if not self.train_surrogate_temperature > 0:
             raise ValueError("train_surrogate_temperature must be > 0")
 
@@ -137,6 +149,22 @@ class AdversarialConfig:
         if self.train_attack == "fgsm_rs":
             return FGSM_RS_STEP_FACTOR * self.train_eps
         return PGD_STEP_FACTOR * self.train_eps / self.train_attack_steps
+
+    def ramp(self, step):
+        """float32 scalar in (0, 1]: the share of the budget the training attack has at `step`.
+
+        (step + 1) / train_eps_ramp_steps until it reaches 1, so step 0 already attacks
+        and step train_eps_ramp_steps - 1 has the whole budget.
+        """
+        if not self.train_eps_ramp_steps:
+            return tf.constant(1.0)
+        share = tf.cast(step + 1, tf.float32) / float(self.train_eps_ramp_steps)
+        return tf.minimum(share, 1.0)
+
+    def budget_at(self, step):
+        """(eps, step size) of the training attack at global step `step`, as tensors."""
+        share = self.ramp(step)
+        return self.train_eps * share, self.step_size * share
 
 
 def example_seeds(seed, step, batch_size):

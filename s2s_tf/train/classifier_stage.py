@@ -72,13 +72,14 @@ class ClassifierStage(stage_common.RecalibratedStage):
         """The inner attack's images for a batch at global step `step` (no gradient)."""
         config = self.adversarial
         seeds = adversarial_lib.example_seeds(self.seed, step, tf.shape(images)[0])
+        eps, step_size = config.budget_at(step)
         return adversarial_lib.perturb(
             self._inference,
             images,
             lambda logits: losses.cross_entropy(labels, logits),
-            config.train_eps,
+            eps,
             config.steps,
-            config.step_size,
+            step_size,
             seeds,
         )
 

@@ -197,14 +197,9 @@ class DecoderStage(stage_common.RecalibratedStage):
                 return adversarial_lib.trades_kl(clean, logits)
 
         seeds = adversarial_lib.example_seeds(self.seed, step, tf.shape(images)[0])
+        eps, step_size = config.budget_at(step)
         return adversarial_lib.perturb(
-            self.attack_model_fn,
-            images,
-            loss_fn,
-            config.train_eps,
-            config.steps,
-            config.step_size,
-            seeds,
+            self.attack_model_fn, images, loss_fn, eps, config.steps, step_size, seeds
         )
 
     def train_outputs(self, images, labels):
