@@ -74,7 +74,14 @@ def main(argv):
         )
     )
     outdir = FLAGS.output_dir or constants.eval_report_dir(FLAGS.workdir)
-    eval_lib.evaluate(config, outdir, progress=logging.info, strategy=strategy, worker=worker)
+    eval_lib.evaluate(
+        config,
+        outdir,
+        progress=logging.info,
+        strategy=strategy,
+        worker=worker,
+        image_size_given=FLAGS["image_size"].present,
+    )
 
 
 def run():

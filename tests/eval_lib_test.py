@@ -128,6 +128,36 @@ class EvaluateTest(tf.test.TestCase):
         for name in ("effective_examples.png", "effective_norms.png"):
             self.assertTrue(os.path.exists(os.path.join(outdir, name)), name)
 
+    def test_explicit_image_size_must_match_the_model(self):
+        # Without --image_size the evaluation runs at the model's size (the test above); an
+        # explicit one that differs is refused before any attack, by the binary too.
+        workdir = tempfile.mkdtemp()
+        paths = testing_utils.save_tiny_models(workdir, SIZE)
+        output_dir = os.path.join(workdir, "report")
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "s2s_tf.evaluate_main",
+                f"--defended_path={paths['defended']}",
+                "--dataset=testing",
+                "--image_size=20",
+                "--num_examples=4",
+                f"--output_dir={output_dir}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            cwd=tempfile.gettempdir(),
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(
+            "--image_size 20 differs from the defended model's input size 16", result.stderr
+        )
+        self.assertFalse(os.path.exists(os.path.join(output_dir, "shards")))
+
     def test_missing_model_is_named(self):
         config = eval_lib.EvalRunConfig(defended_path="/nonexistent/defended.keras")
         with self.assertRaisesRegex(FileNotFoundError, "defended.keras"):

@@ -232,7 +232,9 @@ def _tensorboard(outdir, results, gradients):
     writer.flush()
 
 
-def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
+def evaluate(
+    config, outdir, progress=logging.info, strategy=None, worker=None, image_size_given=False
+):
     """Runs the whole evaluation and writes the report; returns the report document.
 
     The split streams through the attacks in shards (`streaming.evaluate_split`),
@@ -248,6 +250,9 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         attacks on every replica; None runs them in this process, batch by batch.
       worker: this process's `streaming.Worker` among the processes sharing the
         shards (default: the only one); worker 0 merges them and writes the report.
+      image_size_given: whether the user asked for `config.data.image_size`
+        (e.g. an explicit --image_size): then a defended model of another input
+        size is an error, not evaluated at its own size.
 
     Returns:
       The dict written to `robustness.json`; None on workers other than 0, once
@@ -266,6 +271,13 @@ def evaluate(config, outdir, progress=logging.info, strategy=None, worker=None):
         image_size=tuple(defended.input_shape[1:3]),
     )
     if data.image_size != tuple(config.data.image_size):
+        if image_size_given:
+            raise ValueError(
+                f"--image_size {config_io.unparse_image_size(config.data.image_size)} differs "
+                f"from the defended model's input size "
+                f"{config_io.unparse_image_size(data.image_size)}: the evaluation runs at the "
+                "model's size; pass that or leave --image_size out"
+            )
         progress(
             f"evaluating at the defended model's input size {data.image_size}, not the data "
             f"config's {tuple(config.data.image_size)}"
