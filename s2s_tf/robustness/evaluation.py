@@ -258,6 +258,19 @@ class Evaluator:
         params.update(overrides)
         return params
 
+    def resume(self, results):
+        """Takes a finished evaluation's `results` as this one's, to add runs to them.
+
+        The clean correctness comes from their per-example table, so further runs
+        start from the same examples (`streaming`'s added convergence rounds).
+        """
+        self.results = results
+        per_example = results["per_example"]
+        self.clean = {
+            name: np.asarray(per_example[f"clean/{name}"], bool)
+            for name in ("defended", "classifier")
+        }
+
     def run(self):
         """Runs every configured part; returns `self.results` (finalized)."""
         from s2s_tf.robustness import cascade  # the run plan; it imports this module

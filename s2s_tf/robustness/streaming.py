@@ -346,12 +346,7 @@ class _MoreRounds(cascade.Cascade):
 
     def __init__(self, evaluator, stored):
         super().__init__(evaluator)
-        evaluator.results = stored
-        per_example = stored["per_example"]
-        evaluator.clean = {
-            name: np.asarray(per_example[f"clean/{name}"], bool)
-            for name in ("defended", "classifier")
-        }
+        evaluator.resume(stored)
 
     def run(self):
         """Adds the missing rounds at each eps; returns the results, finalized."""
