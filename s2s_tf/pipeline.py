@@ -38,8 +38,6 @@ from s2s_tf.train import trainer
 TRANSFER_DIR = "transfer_{}"
 # A stage folder's wall-clock record of its training (`stage_seconds` reads it).
 TIMING_FILE = "timing.json"
-# Examples of the report's effective-perturbation analysis (claim 3) in the main job.
-EFFECTIVE_EXAMPLES = 32
 
 
 def _check_classifier_or_empty(name):
@@ -139,6 +137,14 @@ class PipelineConfig:
         "Input-transformation baselines (claim 4: jpeg, bit_depth, median) evaluated in "
         "the report in front of the same classifier with the same attacks ('' for none).",
         choices=lambda: baselines_lib.BASELINES,
+    )
+    # Claim 3 attacks these examples again at every eps through every backward pass
+    # (131 s of the main job's report at 64 examples and four eps, 98 s at 32 and three:
+    # mostly tracing); the report gives each ratio's bootstrap interval over them.
+    effective_examples: int = setting(
+        32,
+        "Examples of the report's effective-perturbation analysis (claim 3).",
+        lower_bound=1,
     )
     robust: bool = setting(
         False,
@@ -282,10 +288,7 @@ def evaluate(config, workdir, paths, strategy=None):
         attack=config.attack,
         attack_preset=config.attack_preset,
         baselines=config.baselines,
-        # Claim 3 attacks these examples again at every eps through every backward pass
-        # (131 s of the main job's report at 64 examples and four eps, 98 s at 32 and three:
-        # mostly tracing); the report gives each ratio's bootstrap interval over them.
-        effective_examples=EFFECTIVE_EXAMPLES,
+        effective_examples=config.effective_examples,
     )
     return outdir, eval_lib.evaluate(run, outdir, strategy=strategy)
 

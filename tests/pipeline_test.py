@@ -25,6 +25,7 @@ TINY = pipeline.PipelineConfig(
     stage2_steps=4,
     steps_per_loop=2,
     eval_examples=16,
+    effective_examples=5,
     attack=evaluation.EvalConfig(
         attacks=("fgsm", "pgd"),
         eps=(8 / 255,),
@@ -84,6 +85,10 @@ class PipelineTest(tf.test.TestCase):
         self.assertAlmostEqual(
             report["results"]["clean"]["defended"], float(np.mean(classes == labels))
         )
+        # Claim 3 ran on the configured examples (the default, 32, would read all 16).
+        effective = report["effective_perturbations"]
+        self.assertTrue(effective)
+        self.assertEqual({row["num_examples"] for row in effective.values()}, {5})
 
         # A rerun reuses every finished part.
         again = pipeline.run(TINY, workdir, tf.distribute.get_strategy(), lambda line: None)
