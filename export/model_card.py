@@ -37,6 +37,7 @@ from s2s_tf import constants
 from s2s_tf.export import provenance as provenance_lib
 from s2s_tf.models import autoencoder as ae_lib
 from s2s_tf.models import s2s_model
+from s2s_tf.train import adversarial as adversarial_lib
 
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "model_card.md"
@@ -125,13 +126,17 @@ _ATTACK_KEYS = (
 _STAGE2_ATTACK_KEYS = (*_ATTACK_KEYS, "robust_weight", "train_surrogate_temperature")
 
 
-# Settings added after configs were first recorded, with the value a config without them ran.
-_ADDED_LATER = {"train_eps_ramp_steps": 0}
-
-
 def _inner_attack(config, keys):
-    adversarial = config.get("adversarial") or {}
-    return {key: adversarial.get(key, _ADDED_LATER.get(key, UNKNOWN)) for key in keys}
+    """The recorded inner attack's `keys`; UNKNOWN for all when the config has none.
+
+    A recorded attack without a setting added after it was written ran with that
+    setting's default, as `config_io.config_from_dict` reads such a config back.
+    """
+    adversarial = config.get("adversarial")
+    if not adversarial:
+        return dict.fromkeys(keys, UNKNOWN)
+    recorded = {**config_io.config_to_dict(adversarial_lib.AdversarialConfig()), **adversarial}
+    return {key: recorded[key] for key in keys}
 
 
 def _training(training, classifier_training):
