@@ -23,6 +23,19 @@ from s2s_tf.train import checkpointing
 SIZE = (16, 16)
 
 
+def _run_evaluate_main(*argv, timeout):
+    """The evaluate binary in a fresh process, run from outside the checkout (as installed)."""
+    return subprocess.run(
+        [sys.executable, "-m", "s2s_tf.evaluate_main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=tempfile.gettempdir(),
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+
+
 class EvaluateTest(tf.test.TestCase):
     def test_report_files_and_consistent_numbers(self):
         workdir = tempfile.mkdtemp()
@@ -134,23 +147,13 @@ class EvaluateTest(tf.test.TestCase):
         workdir = tempfile.mkdtemp()
         paths = testing_utils.save_tiny_models(workdir, SIZE)
         output_dir = os.path.join(workdir, "report")
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "s2s_tf.evaluate_main",
-                f"--defended_path={paths['defended']}",
-                "--dataset=testing",
-                "--image_size=20",
-                "--num_examples=4",
-                f"--output_dir={output_dir}",
-            ],
-            capture_output=True,
-            text=True,
+        result = _run_evaluate_main(
+            f"--defended_path={paths['defended']}",
+            "--dataset=testing",
+            "--image_size=20",
+            "--num_examples=4",
+            f"--output_dir={output_dir}",
             timeout=300,
-            check=False,
-            cwd=tempfile.gettempdir(),
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(
@@ -180,20 +183,8 @@ class EvaluateMainFlagsTest(tf.test.TestCase, parameterized.TestCase):
         with open(os.path.join(stage2, "defended.keras"), "w") as f:
             f.write("placeholder: flags fail before any model is read")
         output_dir = os.path.join(workdir, "report")
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "s2s_tf.evaluate_main",
-                f"--workdir={workdir}",
-                f"--output_dir={output_dir}",
-                *argv,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=tempfile.gettempdir(),
+        result = _run_evaluate_main(
+            f"--workdir={workdir}", f"--output_dir={output_dir}", *argv, timeout=120
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(flag_name, result.stderr)
