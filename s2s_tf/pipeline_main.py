@@ -58,6 +58,9 @@ def main(argv):
     config.attack.validate()
     config.adversarial.validate()
     config.autoencoder.validate()
+    if config.robust:
+        for name in ("robust_stage2_steps", "robust_classifier_steps"):
+            config.adversarial.check_ramp(getattr(config, name), name)
     if FLAGS.fresh and os.path.isdir(FLAGS.workdir):
         shutil.rmtree(FLAGS.workdir)
     strategy = common_flags.strategy_from_flags()

@@ -288,6 +288,26 @@ class SettingsTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "train_eps_ramp_steps"):
             adversarial.AdversarialConfig(train_eps_ramp_steps=-1).validate()
 
+    def test_a_ramp_longer_than_the_run_is_refused_where_an_adversarial_stage_runs(self):
+        ramp = adversarial.AdversarialConfig(train_eps_ramp_steps=10)
+        ramp.check_ramp(10, "train_steps")  # the last step has the whole budget
+        with self.assertRaisesRegex(ValueError, r"train_eps_ramp_steps \(10\) exceeds x \(9\)"):
+            ramp.check_ramp(9, "x")
+        short = trainer.LoopConfig(train_steps=9, steps_per_loop=3)
+        for stage, objective in (("stage0", "stage0_objective"), ("stage2", "stage2_objective")):
+            config = train_lib.TrainConfig(
+                stage=stage,
+                model=stages.ModelConfig(autoencoder_path="ae.keras"),
+                loop=short,
+                adversarial=ramp,
+                **{objective: "adversarial"},
+            )
+            with self.assertRaisesRegex(ValueError, r"exceeds train_steps \(9\)", msg=stage):
+                config.validate()
+            # Without the adversarial objective the ramp is unused and the run is valid.
+            standard = getattr(train_lib.TrainConfig(), objective)
+            dataclasses.replace(config, **{objective: standard}).validate()
+
     def test_budgets_and_step_sizes(self):
         self.assertAlmostEqual(adversarial.parse_budget("8/255"), 8 / 255)
         self.assertEqual(adversarial.unparse_budget(8 / 255), "8/255")

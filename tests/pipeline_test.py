@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -163,6 +165,30 @@ class PipelineTest(tf.test.TestCase):
         again = robust_pipeline.run(config, workdir, tf.distribute.get_strategy(), lambda _: None)
         self.assertLess(again["seconds"], outputs["seconds"])
         self.assertEqual(again["robust_export"], outputs["robust_export"])
+
+    def test_a_budget_ramp_longer_than_a_robust_run_fails_before_any_work(self):
+        root = tempfile.mkdtemp()
+        workdir = os.path.join(root, "workdir")
+        argv = [
+            sys.executable,
+            "-m",
+            "s2s_tf.pipeline_main",
+            f"--workdir={workdir}",
+            "--dataset=testing",
+            "--classifier=testing",
+            "--image_size=16",
+            "--robust",
+            "--robust_stage2_steps=40",
+            "--robust_classifier_steps=30",
+            "--train_eps_ramp_steps=35",
+        ]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        result = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+        self.assertNotEqual(result.returncode, 0, result.stderr)
+        self.assertIn(
+            "train_eps_ramp_steps (35) exceeds robust_classifier_steps (30)", result.stderr
+        )
+        self.assertEqual(os.listdir(root), [], "the failed run wrote files")
 
 
 if __name__ == "__main__":

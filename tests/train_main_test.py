@@ -406,6 +406,12 @@ class TrainMainTest(tf.test.TestCase, parameterized.TestCase):
         ),
         ("jit_without_stock_pooling", "stage1", ["--jit_compile"], ["--jit_compile", "stock"]),
         (
+            "budget_ramp_longer_than_the_run",
+            "stage0",
+            ["--stage0_objective=adversarial", "--train_steps=4", "--train_eps_ramp_steps=5"],
+            ["train_eps_ramp_steps (5) exceeds train_steps (4)"],
+        ),
+        (
             "too_many_ae_stages",
             "stage1",
             ["--ae_stages=5", "--ae_stage_widths=4;8"],

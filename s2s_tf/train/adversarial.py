@@ -150,6 +150,18 @@ class AdversarialConfig:
             return FGSM_RS_STEP_FACTOR * self.train_eps
         return PGD_STEP_FACTOR * self.train_eps / self.train_attack_steps
 
+    def check_ramp(self, steps, name):
+        """Raises ValueError if the budget ramp outlasts a run of `steps` steps (`name` its flag).
+
+        A ramp longer than the run never trains at the whole budget, and the final BatchNorm
+        re-estimation would see smaller perturbations than the ones the model is meant for.
+        """
+        if self.train_eps_ramp_steps > steps:
+            raise ValueError(
+                f"train_eps_ramp_steps ({self.train_eps_ramp_steps}) exceeds {name} ({steps}): "
+                "the run would never train at the whole budget train_eps"
+            )
+
     def ramp(self, step):
         """float32 scalar in (0, 1]: the share of the budget the training attack has at `step`.
 

@@ -135,6 +135,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         self.adversarial.validate()
         self.loop.validate()
+        adversarial_stage = (self.stage == "stage0" and self.stage0_objective == "adversarial") or (
+            self.stage == "stage2" and self.stage2_objective == "adversarial"
+        )
+        if adversarial_stage:
+            self.adversarial.check_ramp(self.loop.train_steps, "train_steps")
         self.optimizer.validate()
         self.model.autoencoder.validate()
 
