@@ -93,6 +93,9 @@ class AdversarialConfig:
         unparse=unparse_budget,
         check=_check_budget,
     )
+    # 0 here, since a ramp counted in steps must fit each run (`check_ramp`); the robust job
+    # (scripts/run_robust.sh) sets 200, which measured better (README, "A ramp of the training
+    # budget").
     train_eps_ramp_steps: int = setting(
         0,
         "Steps over which the training budget rises linearly from 0 to --train_eps (the "
