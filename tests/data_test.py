@@ -294,6 +294,27 @@ class ReleaseInBackgroundTest(tf.test.TestCase):
         self.assertNotEqual(deleted_on[0], threading.get_ident())
         self.assertEqual(deleted_on[0], thread.ident)
 
+    def test_the_process_exit_waits_for_the_release(self):
+        # A release still running at exit must finish, not be stopped mid-delete (inside
+        # TensorFlow's C++ code that stop aborts the process after its work is done).
+        marker = os.path.join(tempfile.mkdtemp(), "deleted")
+        program = f"""
+import time
+from s2s_tf.data import input_pipeline
+
+class Slow:
+    def __del__(self):
+        time.sleep(2)
+        open({marker!r}, "w").close()
+
+input_pipeline.release_in_background([Slow()])
+"""
+        result = subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=300
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(os.path.exists(marker), "the exit stopped the release before it ended")
+
     def test_releases_a_tf_data_iterator(self):
         iterator = iter(tf.data.Dataset.range(10).map(lambda x: x + 1).prefetch(2))
         self.assertEqual(int(next(iterator)), 1)

@@ -187,8 +187,13 @@ def release_in_background(holder: list) -> threading.Thread:
     rest of its optimization period, which grows to 60 s. The delete then waits for it: on
     this project's 2-core CPU, 0-60 s per long-lived iterator, at random (seen at the end of
     training stages and of the streaming evaluation). The delete releases the GIL, so deleting
-    on a daemon thread lets the caller go on; the iterator's memory is freed when the thread
+    on another thread lets the caller go on; the iterator's memory is freed when the thread
     ends.
+
+    The thread is not a daemon: the interpreter's exit waits for it. A daemon thread still
+    inside the delete when the process exits is stopped there, in TensorFlow's C++ code, and
+    the process aborts after its work is done ("FATAL: exception not rethrown", exit status
+    -6), at random.
 
     Args:
         holder: A list whose items are the only references to the iterators (pass the list,
@@ -199,7 +204,7 @@ def release_in_background(holder: list) -> threading.Thread:
     """
     items = holder[:]
     holder.clear()
-    thread = threading.Thread(target=items.clear, name="tf_data_iterator_release", daemon=True)
+    thread = threading.Thread(target=items.clear, name="tf_data_iterator_release", daemon=False)
     thread.start()
     return thread
 
