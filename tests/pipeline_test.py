@@ -183,7 +183,9 @@ class PipelineTest(tf.test.TestCase):
             "--train_eps_ramp_steps=35",
         ]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        result = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+        result = subprocess.run(
+            argv, cwd=root, env=env, capture_output=True, text=True, timeout=300
+        )
         self.assertNotEqual(result.returncode, 0, result.stderr)
         self.assertIn(
             "train_eps_ramp_steps (35) exceeds robust_classifier_steps (30)", result.stderr

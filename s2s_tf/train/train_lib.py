@@ -113,6 +113,12 @@ class TrainConfig:
     )
     adversarial: adversarial_lib.AdversarialConfig = adversarial_lib.AdversarialConfig()
 
+    @property
+    def trains_adversarially(self):
+        """Whether the stage trains against the inner attack (Madry; adversarial stage 2)."""
+        objective = {"stage0": self.stage0_objective, "stage2": self.stage2_objective}
+        return objective.get(self.stage) == "adversarial"
+
     def validate(self):
         """Raises ValueError naming the first invalid field."""
         if self.stage not in constants.STAGES:
@@ -135,10 +141,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         self.adversarial.validate()
         self.loop.validate()
-        adversarial_stage = (self.stage == "stage0" and self.stage0_objective == "adversarial") or (
-            self.stage == "stage2" and self.stage2_objective == "adversarial"
-        )
-        if adversarial_stage:
+        if self.trains_adversarially:
             self.adversarial.check_ramp(self.loop.train_steps, "train_steps")
         self.optimizer.validate()
         self.model.autoencoder.validate()
@@ -158,10 +161,8 @@ def make_stage(config):
     recalibration = stages.Recalibration(config.train_data, config.bn_recalibration_batches)
     seed = config.train_data.seed
     if config.stage == "stage0":
-        madry = config.stage0_objective == "adversarial"
-        return stages.ClassifierStage(
-            config.model, recalibration, config.adversarial if madry else None, seed
-        )
+        madry = config.adversarial if config.trains_adversarially else None
+        return stages.ClassifierStage(config.model, recalibration, madry, seed)
     if config.stage == "stage1":
         with_classifier = bool(config.model.classifier_path or config.model.classifier_weights)
         return stages.ReconstructionStage(
